@@ -1,0 +1,1 @@
+"""Data layer: HDF5 image stores, source readers, episode samplers, the supervised adapter."""

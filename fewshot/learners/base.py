@@ -1,0 +1,177 @@
+"""The Learner protocol every method implements.
+
+A learner owns its model(s), its step sizes and its optimiser state. The trainer feeds it
+batches of the kind named by :attr:`Learner.input_kind`:
+
+* ``"episodes"``: a list of :class:`~fewshot.data.episodes.Episode` (one meta-batch);
+* ``"pairs"``: a list of ``(T_i, T_j)`` episode pairs whose classes are disjoint (L2G);
+* ``"supervised"``: a :class:`~fewshot.data.supervised.TaskPairBatch` (two half-batch
+  tasks of one ordinary minibatch; MLTP and standard training).
+
+``train_step(batch)`` runs one outer (meta-)update and returns a dict of metrics (0-dim
+tensors; the trainer decides when to synchronise them to Python floats).
+``predict(episode)`` returns query logits ``(Q, ways)`` for one episode, fine-tuning on
+the support set first where the method's paper evaluates that way.
+``state_dict()`` / ``load_state_dict()`` cover modules, learnable step sizes and optimisers.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Dict, Iterable, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from fewshot.errors import ConfigError, TrainingError
+
+
+@dataclass
+class LearnerConfig:
+    """Hyper-parameters common to every learner; subclasses add their own fields."""
+
+    lr: float = 1e-3  # outer (meta-) learning rate of the learner's optimiser
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for an invalid value (called by the constructor)."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if v != v:  # NaN
+                    raise ConfigError(f"learner option '{f.name}' is NaN; give a number")
+        if self.lr <= 0:
+            raise ConfigError(f"learner option 'lr' must be > 0, got {self.lr}")
+
+
+def require(cond: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(message)
+
+
+class Learner(nn.Module):
+    """Base class of all learners (see the module docstring for the protocol)."""
+
+    #: registry name, set by ``@register_learner``
+    name: ClassVar[str] = ""
+    #: one line for ``fewshot learners``
+    description: ClassVar[str] = ""
+    #: the paper the learner implements (authors, title, venue, year)
+    paper: ClassVar[str] = ""
+    #: what ``train_step`` consumes: "episodes", "pairs" or "supervised"
+    input_kind: ClassVar[str] = "episodes"
+    #: its hyper-parameter dataclass
+    Config: ClassVar[type] = LearnerConfig
+    #: whether autocast (bf16/fp16) is numerically safe for this learner
+    supports_autocast: ClassVar[bool] = False
+    #: whether predict() fine-tunes on the support set (reported with results)
+    fine_tunes_at_test: ClassVar[bool] = False
+
+    def __init__(self, backbone: nn.Module, config: Optional[LearnerConfig] = None,
+                 num_classes: Optional[int] = None):
+        super().__init__()
+        self.config = config if config is not None else self.Config()
+        if not isinstance(self.config, self.Config):
+            raise ConfigError(f"learner '{self.name}' expects a {self.Config.__name__}, "
+                              f"got {type(self.config).__name__}")
+        self.config.validate()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.optimizers: Dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: Dict[str, Any] = {}
+        self.steps_done = 0
+
+    # ----------------------------------------------------------------- protocol
+    def train_step(self, batch) -> Dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement train_step")
+
+    def predict(self, episode) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement predict")
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def device(self) -> torch.device:
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def outer_step(self, optimizer_name: str = "meta", params: Optional[Iterable[Tensor]] = None) -> None:
+        """Average gradients over ranks (when torch.distributed runs) and step the optimiser.
+
+        The ``higher`` inner loop bypasses DDP's module wrapper, so the all-reduce is
+        explicit here: each rank's gradient is the mean over its share of the meta-batch,
+        and the mean over ranks is the mean over the global meta-batch.
+        """
+        opt = self.optimizers[optimizer_name]
+        if params is None:
+            params = [p for g in opt.param_groups for p in g["params"]]
+        from fewshot.distributed import all_reduce_mean_grads
+
+        all_reduce_mean_grads(params)
+        opt.step()
+        sched = self.schedulers.get(optimizer_name)
+        if sched is not None:
+            sched.step()
+
+    @staticmethod
+    def check_finite(loss: Tensor, step: int) -> None:
+        """Raise :class:`TrainingError` when ``loss`` is NaN or infinite (forces a sync)."""
+        if not torch.isfinite(loss).all():
+            raise TrainingError(f"non-finite loss ({float(loss)}) at training step {step}")
+
+    def check_episode(self, episode) -> None:
+        """Refuse an episode whose labels or shapes cannot be right for any learner."""
+        ways = episode.ways
+        if ways < 1:
+            raise ConfigError("episode has zero ways")
+        for part, y in (("support", episode.support_y), ("query", episode.query_y)):
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= ways):
+                raise ConfigError(f"episode {part} labels must lie in 0..{ways - 1}, "
+                                  f"found {int(y.min())}..{int(y.max())}")
+        if episode.support_x.shape[1:] != episode.query_x.shape[1:]:
+            raise ConfigError(f"support images {tuple(episode.support_x.shape[1:])} and query "
+                              f"images {tuple(episode.query_x.shape[1:])} differ in shape")
+
+    def hyperparameters(self) -> Dict[str, Any]:
+        return asdict(self.config)
+
+    # ----------------------------------------------------------- checkpoints
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        return {
+            "learner": self.name,
+            "modules": super().state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items() if s is not None},
+            "steps_done": self.steps_done,
+        }
+
+    def load_state_dict(self, state, strict: bool = True):  # type: ignore[override]
+        from fewshot.errors import CheckpointError
+
+        if not isinstance(state, dict) or "modules" not in state:
+            raise CheckpointError("checkpoint has no learner state ('modules' missing); "
+                                  "was it written by fewshot?")
+        if state.get("learner") not in (None, self.name):
+            raise CheckpointError(f"checkpoint holds learner '{state.get('learner')}', "
+                                  f"not '{self.name}'")
+        try:
+            super().load_state_dict(state["modules"], strict=strict)
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint does not fit learner '{self.name}': "
+                                  f"{str(e).splitlines()[0]}") from e
+        for k, o in self.optimizers.items():
+            if k in state.get("optimizers", {}):
+                o.load_state_dict(state["optimizers"][k])
+        for k, s in self.schedulers.items():
+            if s is not None and k in state.get("schedulers", {}):
+                s.load_state_dict(state["schedulers"][k])
+        self.steps_done = int(state.get("steps_done", 0))
+        return None
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Fraction of correct arg-max predictions (0-dim tensor, no host sync)."""
+    return (logits.argmax(dim=-1) == labels).float().mean()
+
+
+def stack_metrics(metrics: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+    """Mean of each metric over a list of per-task metric dicts."""
+    return {k: torch.stack([m[k].detach().float() for m in metrics]).mean() for k in metrics[0]}
