@@ -16,7 +16,7 @@ the support set first where the method's paper evaluates that way.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Dict, Iterable, List, Optional
 
 import torch
@@ -30,6 +30,8 @@ class LearnerConfig:
     """Hyper-parameters common to every learner; subclasses add their own fields."""
 
     lr: float = 1e-3  # outer (meta-) learning rate of the learner's optimiser
+    backbone: str = "conv4"  # a name known to fewshot.nn.build_backbone
+    backbone_options: Dict[str, Any] = field(default_factory=dict)  # e.g. {"hidden": 32}
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for an invalid value (called by the constructor)."""
@@ -66,16 +68,26 @@ class Learner(nn.Module):
     #: whether predict() fine-tunes on the support set (reported with results)
     fine_tunes_at_test: ClassVar[bool] = False
 
-    def __init__(self, backbone: nn.Module, config: Optional[LearnerConfig] = None,
-                 num_classes: Optional[int] = None):
+    def __init__(self, config: Optional[LearnerConfig] = None, *, in_channels: int,
+                 image_size: int, num_classes: Optional[int] = None,
+                 backbone: Optional[nn.Module] = None):
+        """Build the learner for images of ``in_channels`` x ``image_size`` x ``image_size``.
+
+        ``num_classes`` is the number of training (base) classes, needed by learners with
+        a head over all of them (transfer, MTL, supervised). ``backbone`` replaces the
+        network named by ``config.backbone`` with a module of the user's (it must map
+        (B, C, H, W) to (B, D) and expose ``out_features = D``).
+        """
         super().__init__()
         self.config = config if config is not None else self.Config()
         if not isinstance(self.config, self.Config):
             raise ConfigError(f"learner '{self.name}' expects a {self.Config.__name__}, "
                               f"got {type(self.config).__name__}")
         self.config.validate()
-        self.backbone = backbone
+        self.in_channels = int(in_channels)
+        self.image_size = int(image_size)
         self.num_classes = num_classes
+        self._given_backbone = backbone
         self.optimizers: Dict[str, torch.optim.Optimizer] = {}
         self.schedulers: Dict[str, Any] = {}
         self.steps_done = 0
@@ -88,6 +100,20 @@ class Learner(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement predict")
 
     # ---------------------------------------------------------------- helpers
+    def make_backbone(self, **overrides) -> nn.Module:
+        """The user's backbone if one was given, else ``config.backbone`` built for the input.
+
+        ``overrides`` (e.g. ``flatten=False`` for RelationNet's feature maps) are passed
+        to :func:`fewshot.nn.build_backbone` on top of ``config.backbone_options``.
+        """
+        if self._given_backbone is not None:
+            return self._given_backbone
+        from fewshot.nn import build_backbone
+
+        options = {**self.config.backbone_options, **overrides}
+        return build_backbone(self.config.backbone, in_channels=self.in_channels,
+                              image_size=self.image_size, **options)
+
     @property
     def device(self) -> torch.device:
         p = next(self.parameters(), None)
