@@ -1,0 +1,217 @@
+"""Evaluation on an N-way K-shot grid of fixed, seeded episodes.
+
+For every cell (N, K) the same ``n`` episodes are drawn by
+``fewshot.data.episodes.fixed_episodes(store, N, K, Q, n, seed)``: the same seed gives the
+same episodes for every learner, so two learners are compared on exactly the same tasks
+(:func:`fewshot.report.compare` pairs them). Each episode's accuracy is the fraction of its
+N·Q query images whose arg-max logit is the true label; a cell reports the mean over the
+episodes with the 95% interval 1.96·s/√n, s the sample standard deviation (ddof = 1).
+
+Grids are checked against the split before any work (:func:`check_grid`): N above the
+number of classes of the split, or K + Q above the images of its smallest class, is
+refused with a message naming the counts.
+
+Distributed evaluation: rank r of W evaluates episodes r, r+W, r+2W, ... and the
+per-episode accuracies are gathered back into episode order (:func:`gather_accuracies`),
+so the table is identical to a single process's. Without torch.distributed, (rank, world)
+is (0, 1).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fewshot.errors import ConfigError, DataError
+from fewshot.report import CellResult, GridResult
+
+__all__ = ["check_grid", "grid_cells", "episode_fingerprint", "shard_indices",
+           "gather_accuracies", "evaluate_episodes", "evaluate_grid", "bn_probe"]
+
+
+def grid_cells(ways: Sequence[int], shots: Sequence[int]) -> List[Tuple[int, int]]:
+    return [(int(w), int(s)) for w in ways for s in shots]
+
+
+def check_grid(store, ways: Sequence[int], shots: Sequence[int], queries: int,
+               what: str = "evaluation grid") -> None:
+    """Refuse a grid the split cannot supply (before any training or evaluation).
+
+    Raises :class:`ConfigError` when a ways value exceeds the split's classes or when
+    shots + queries exceeds the images of the split's smallest class.
+    """
+    n_classes = int(store.num_classes)
+    counts = np.asarray(store.class_counts())
+    name = f"{getattr(store, 'dataset', '?')}/{getattr(store, 'split', '?')}"
+    for w in ways:
+        if w < 2:
+            raise ConfigError(f"{what}: {w}-way tasks are meaningless; give ways >= 2")
+        if w > n_classes:
+            raise ConfigError(f"{what}: {w}-way tasks need {w} classes but split {name} has "
+                              f"{n_classes}; lower --ways / eval.ways")
+    smallest = int(counts.min()) if counts.size else 0
+    for s in shots:
+        if s < 1:
+            raise ConfigError(f"{what}: shots must be >= 1, got {s}")
+        if s + queries > smallest:
+            c = int(counts.argmin())
+            cname = store.class_names[c] if hasattr(store, "class_names") else str(c)
+            raise ConfigError(f"{what}: {s} shots + {queries} queries = {s + queries} images per "
+                              f"class, but class '{cname}' of split {name} has only {smallest}; "
+                              f"lower --shots or --queries")
+
+
+def episode_fingerprint(episodes: Iterable) -> str:
+    """Digest of episodes' class ids, labels and pixel sums (equal episodes, equal digest)."""
+    h = hashlib.sha256()
+    for ep in episodes:
+        for t in (ep.classes, ep.support_y, ep.query_y):
+            h.update(t.detach().cpu().to(torch.int64).numpy().tobytes())
+        sums = torch.stack([ep.support_x.detach().double().sum(), ep.query_x.detach().double().sum()])
+        h.update(np.round(sums.cpu().numpy(), 3).tobytes())
+    return h.hexdigest()[:16]
+
+
+def shard_indices(n: int, rank: int = 0, world: int = 1) -> List[int]:
+    """Indices of the episodes rank ``rank`` of ``world`` evaluates: rank, rank+world, ..."""
+    if not (0 <= rank < world):
+        raise ConfigError(f"rank {rank} outside 0..{world - 1}")
+    return list(range(rank, n, world))
+
+
+def gather_accuracies(local: Sequence[float], n: int, rank: int = 0, world: int = 1,
+                      all_gather: Optional[Callable[[Any], List[Any]]] = None) -> List[float]:
+    """Per-episode accuracies of all ranks back in episode order.
+
+    ``local`` holds rank ``rank``'s accuracies of episodes ``shard_indices(n, rank, world)``.
+    ``all_gather(obj) -> [obj of rank 0, ..., obj of rank world-1]`` defaults to
+    ``torch.distributed.all_gather_object`` when more than one rank runs.
+    """
+    if world == 1:
+        return [float(a) for a in local]
+    if all_gather is None:
+        import torch.distributed as dist
+
+        def all_gather(obj):
+            out = [None] * world
+            dist.all_gather_object(out, obj)
+            return out
+    parts = all_gather([float(a) for a in local])
+    acc = [float("nan")] * n
+    for r, part in enumerate(parts):
+        for i, a in zip(shard_indices(n, r, world), part):
+            acc[i] = a
+    return acc
+
+
+@contextlib.contextmanager
+def bn_probe():
+    """Record whether any batch norm during the block used batch (transductive) statistics.
+
+    Wraps ``torch.nn.functional.batch_norm`` (which BatchNorm modules, also ``higher``'s
+    patched copies, call): a call with ``training=True`` or without running statistics
+    normalises with the statistics of the batch itself, i.e. of the query set at test.
+    Yields a dict whose ``"transductive"`` entry is set.
+    """
+    seen = {"transductive": False, "calls": 0}
+    original = F.batch_norm
+
+    def probe(input, running_mean, running_var, weight=None, bias=None, training=False,
+              momentum=0.1, eps=1e-5):
+        seen["calls"] += 1
+        if training or running_mean is None:
+            seen["transductive"] = True
+        return original(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+    F.batch_norm = probe
+    try:
+        yield seen
+    finally:
+        F.batch_norm = original
+
+
+def _predict(learner, episode) -> torch.Tensor:
+    logits = learner.predict(episode)
+    if logits.dim() != 2 or logits.shape != (episode.query_y.numel(), episode.ways):
+        raise ConfigError(f"learner '{getattr(learner, 'name', '?')}' returned logits of shape "
+                          f"{tuple(logits.shape)} for a {episode.ways}-way episode with "
+                          f"{episode.query_y.numel()} queries; expected "
+                          f"({episode.query_y.numel()}, {episode.ways})")
+    return logits
+
+
+def evaluate_episodes(learner, episodes, indices: Sequence[int], device="cpu",
+                      progress: Optional[Callable[[int], None]] = None) -> Tuple[List[float], bool]:
+    """Accuracies of ``learner.predict`` on ``episodes[i]`` for i in ``indices``.
+
+    Returns (accuracies, transductive_bn). The learner is put in eval mode for the call
+    and returned to its previous mode. Predictions never see the query labels.
+    """
+    was_training = learner.training
+    learner.eval()
+    acc: List[float] = []
+    try:
+        with bn_probe() as seen:
+            pending = []
+            for i in indices:
+                ep = episodes[i].to(device)
+                logits = _predict(learner, ep)
+                pending.append((logits.detach().argmax(-1) == ep.query_y).float().mean())
+                if len(pending) >= 32:  # sync in chunks, not per episode
+                    acc.extend(torch.stack(pending).cpu().tolist())
+                    pending = []
+                if progress is not None:
+                    progress(1)
+            if pending:
+                acc.extend(torch.stack(pending).cpu().tolist())
+    finally:
+        learner.train(was_training)
+    return acc, bool(seen["transductive"])
+
+
+def evaluate_grid(learner, store, *, ways: Sequence[int], shots: Sequence[int], queries: int = 15,
+                  episodes: int = 600, seed: int = 2024, device="cpu", rank: int = 0, world: int = 1,
+                  quiet: bool = True, dataset: Optional[str] = None, split: Optional[str] = None,
+                  checkpoint: str = "", step: int = 0, all_gather=None) -> GridResult:
+    """Evaluate ``learner`` on every (ways, shots) cell of fixed episodes of ``store``.
+
+    Each cell uses ``fixed_episodes(store, ways, shots, queries, episodes, seed)``.
+    ``rank``/``world`` shard the episodes (see :func:`gather_accuracies`).
+    """
+    from fewshot.data.episodes import fixed_episodes
+
+    check_grid(store, ways, shots, queries)
+    cells = grid_cells(ways, shots)
+    bar = None
+    if not quiet and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(cells) * len(shard_indices(episodes, rank, world)), unit="ep",
+                   desc="eval", dynamic_ncols=True, leave=False)
+    results, transductive = [], False
+    try:
+        for w, s in cells:
+            t0 = time.perf_counter()
+            eps = fixed_episodes(store, w, s, queries, episodes, seed)
+            local, trans = evaluate_episodes(learner, eps, shard_indices(episodes, rank, world),
+                                             device=device, progress=bar.update if bar else None)
+            acc = gather_accuracies(local, episodes, rank, world, all_gather=all_gather)
+            transductive = transductive or trans
+            fp = episode_fingerprint(eps[i] for i in range(min(episodes, 20)))
+            results.append(CellResult(ways=w, shots=s, queries=queries, seed=seed, accuracies=acc,
+                                      fingerprint=fp, seconds=round(time.perf_counter() - t0, 3)))
+            if bar is not None:
+                bar.set_postfix_str(f"{w}w{s}s {results[-1].mean * 100:.1f}%")
+    finally:
+        if bar is not None:
+            bar.close()
+    return GridResult(learner=getattr(learner, "name", type(learner).__name__),
+                      dataset=dataset or getattr(store, "dataset", ""),
+                      split=split or getattr(store, "split", ""), cells=results,
+                      checkpoint=checkpoint, step=step, transductive_bn=transductive,
+                      fine_tunes=bool(getattr(learner, "fine_tunes_at_test", False)))
