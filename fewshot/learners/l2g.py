@@ -1,0 +1,275 @@
+"""L2G: Learning to Generalize to unseen tasks with bilevel optimisation, and MAML + X.
+
+Lee, Na, Lee & Hwang, "Learning to Generalize to Unseen Tasks with Bilevel Optimization"
+(arXiv 2019), Algorithm 1 and eqs. 3-5, on a metric-based base learner X (Prototypical
+Networks, eqs. 6-8, or Relation Networks, eqs. 9-11).
+
+Each training step receives T task pairs (T_i, T_j) whose classes are disjoint (the paper
+uses T = 5 "tasks for the backward propagation"; T is the runner's ``train.meta_batch``).
+For every pair, with the embedding (and, for RelationNet, relation module) parameters θ:
+
+    θ' = θ − α ∇_θ L_Ti({ρ_c}, f_θ(x̃))                                          (eq. 3)
+
+where L_Ti is X's loss on T_i: prototypes ρ_c from T_i's support set, queries x̃ from its
+query set, both embedded by f_θ. The meta-objective is X's loss on the *other* task T_j with
+its prototypes and queries both embedded by θ' (eq. 4):
+
+    min_θ  L_Tj({ρ_c}, f_θ'(x̃)),    θ' = θ − α ∇_θ L_Ti(...)                     (eq. 4)
+
+and θ is updated with the gradient of the mean of eq. 4 over the T pairs (eq. 5; the paper's
+meta step size β is Adam's learning rate, 1e-3, multiplied by 0.5 every 10k episodes for
+L2G + ProtoNet and every 100k for L2G + RelationNet). The inner step goes through
+:class:`fewshot.inner_loop.InnerLoop` and is second order, as eq. 4 states (the gradient of
+L_Tj flows through ∇_θ L_Ti); ``first_order=True`` drops the second derivatives, which is
+what the authors' public code effectively computes (it writes θ' back with
+``load_state_dict``). α = 1e-2 is fixed by default; ``learn_inner_lr=True`` makes it a
+learnable per-layer step size as Meta-SGD (Li et al. 2017), which the paper mentions.
+
+**MAML + X** (the paper's baseline 6) is the same bilevel scheme with T_j = T_i: the inner
+step on T_i's loss and the outer loss on the same task's queries and prototypes, embedded by
+θ'. It consumes plain episodes (``input_kind = "episodes"``; each episode plays both roles).
+
+Test time (both): no fine-tuning, the meta-learned θ is used as is (the paper: "our model
+solves the few-shot classification problems with generalized initial parameters, which do
+not need fine-tuning"); :meth:`L2G.predict` returns X's query scores at θ.
+
+Choices the paper leaves open, taken from its baselines' papers and written down here:
+
+* X's losses are averaged over queries (Snell et al.'s and Sung et al.'s code), not summed
+  as eqs. 8 and 11 are written; with a sum, α would have to shrink by the number of queries.
+* BatchNorm (``bn``, default ``"running"``): batch statistics while training; the running
+  statistics are updated by the outer forward on T_j only (never by the inner step on T_i)
+  and used at test time, as ProtoNet and RelationNet test in eval mode. ``"transductive"``
+  normalises every forward, including test queries, with the batch's own statistics.
+* Support and query images of a task go through the embedding in one batch.
+* Prototypes: mean of the support embeddings for ProtoNet (eq. 6), sum for RelationNet
+  (eq. 9, Sung et al.'s "element-wise sum").
+* Adam without weight decay (the authors' code passes 0.9, which we do not copy); the
+  learning rate is halved every ``lr_halve_every`` outer steps (one step = T pairs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fewshot.errors import ConfigError, DataError
+from fewshot.inner_loop import BN_POLICIES, InnerLoop
+from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
+from fewshot.learners.protonet import check_episode, prototypes, squared_euclidean_logits
+from fewshot.learners.registry import register_learner
+
+__all__ = ["L2GConfig", "L2GProtoNet", "L2GRelationNet", "MAMLProtoNet", "MAMLRelationNet",
+           "ProtoNetScorer", "check_disjoint_pairs"]
+
+
+# ------------------------------------------------------------------------------- base models
+class ProtoNetScorer(nn.Module):
+    """ProtoNet as one module: ``forward(support_x, support_y, query_x, ways)`` -> (Q, N) logits.
+
+    Logits are −‖f_θ(x̃) − ρ_c‖² with ρ_c the mean support embedding of class c (L2G eqs. 6-7,
+    Snell et al. eqs. 1-2); the loss is cross-entropy on them (eq. 8, averaged over queries).
+    One module so that :class:`InnerLoop` can run it at θ and at θ'.
+    """
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, ways: int) -> Tensor:
+        s = support_x.shape[0]
+        z = self.encoder(torch.cat([support_x, query_x], 0))
+        z = z.reshape(z.shape[0], -1)
+        return squared_euclidean_logits(z[s:], prototypes(z[:s], support_y, ways))
+
+    @staticmethod
+    def loss(scores: Tensor, query_y: Tensor, ways: int) -> Tensor:
+        return F.cross_entropy(scores, query_y)
+
+
+def check_disjoint_pairs(pairs: Sequence[Tuple[object, object]]) -> None:
+    """Raise :class:`DataError` if some pair (T_i, T_j) shares a class (one host sync in all).
+
+    L2G's eq. 4 needs T_j "from a *disjoint* set of classes to the classes in the task T_i";
+    the pair sampler guarantees it, this catches a mis-configured batch source.
+    """
+    overlaps = [torch.isin(ti.classes, tj.classes).any() for ti, tj in pairs]
+    if bool(torch.stack(overlaps).any()):
+        bad = [k for k, o in enumerate(overlaps) if bool(o)]
+        ti, tj = pairs[bad[0]]
+        shared = sorted(set(ti.classes.tolist()) & set(tj.classes.tolist()))
+        raise DataError(f"L2G task pair {bad[0]} shares classes {shared[:5]} between T_i and T_j; "
+                        "L2G needs disjoint classes: draw pairs with DisjointPairSampler "
+                        "(train.pair) or use maml+protonet / maml+relationnet for T_j = T_i")
+
+
+# ------------------------------------------------------------------------------- the learner
+@dataclass
+class L2GConfig(LearnerConfig):
+    """L2G / MAML + X hyper-parameters (defaults: the L2G paper's "Implementation Details").
+
+    lr: Adam learning rate of the meta-update (eq. 5's β), 1e-3.
+    lr_halve_every: halve ``lr`` every this many outer steps (10,000 for ProtoNet, 100,000
+        for RelationNet in the paper); 0 keeps it constant.
+    inner_lr: α of eq. 3, 1e-2.
+    inner_steps: gradient steps on T_i (the paper: 1).
+    learn_inner_lr: learn one α per layer (Meta-SGD), initialised at ``inner_lr``.
+    first_order: drop second derivatives in eq. 4 (the authors' code's effective behaviour).
+    bn: BatchNorm policy of the inner loop: "running" (default), "transductive" or "per_step".
+    weight_decay: Adam's L2 penalty (0; the authors' code's 0.9 is not copied).
+    """
+
+    lr: float = 1e-3
+    lr_halve_every: int = 10000
+    inner_lr: float = 1e-2
+    inner_steps: int = 1
+    learn_inner_lr: bool = False
+    first_order: bool = False
+    bn: str = "running"
+    weight_decay: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        require(isinstance(self.lr_halve_every, int) and self.lr_halve_every >= 0,
+                f"learner option 'lr_halve_every' must be an integer >= 0 (0 = never), "
+                f"got {self.lr_halve_every!r}")
+        require(self.inner_lr > 0, f"learner option 'inner_lr' (α of L2G eq. 3) must be > 0, "
+                                   f"got {self.inner_lr}")
+        require(isinstance(self.inner_steps, int) and self.inner_steps >= 1,
+                f"learner option 'inner_steps' must be an integer >= 1, got {self.inner_steps!r}")
+        require(self.bn in BN_POLICIES, f"learner option 'bn' must be one of "
+                                        f"{', '.join(BN_POLICIES)}, got {self.bn!r}")
+        require(self.weight_decay >= 0, f"learner option 'weight_decay' must be >= 0, "
+                                        f"got {self.weight_decay}")
+
+
+class _BilevelMetric(Learner):
+    """Shared machinery of L2G + X and MAML + X (see the module docstring)."""
+
+    fine_tunes_at_test = False
+    #: True for MAML + X: T_j = T_i
+    same_task: ClassVar[bool] = False
+    #: X: "protonet" or "relationnet"
+    base_learner: ClassVar[str] = "protonet"
+
+    def __init__(self, config=None, *, in_channels, image_size, num_classes=None, backbone=None):
+        super().__init__(config, in_channels=in_channels, image_size=image_size,
+                         num_classes=num_classes, backbone=backbone)
+        cfg = self.config
+        #: X as one module: forward(support_x, support_y, query_x, ways) -> (Q, N) scores
+        self.scorer = self.build_scorer()
+        #: eq. 3's step θ' = θ − α ∇_θ L_Ti (α fixed, or per-layer learnable as Meta-SGD)
+        self.inner = InnerLoop(self.scorer, steps=cfg.inner_steps, lr=cfg.inner_lr,
+                               learn_lr=cfg.learn_inner_lr, lr_per="layer",
+                               first_order=cfg.first_order, bn=cfg.bn)
+        params = list(self.scorer.parameters()) + list(self.inner.parameters())
+        self.optimizers["meta"] = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.lr_halve_every:
+            self.schedulers["meta"] = torch.optim.lr_scheduler.StepLR(
+                self.optimizers["meta"], step_size=cfg.lr_halve_every, gamma=0.5)
+
+    # the base learner X -------------------------------------------------------------------
+    def build_scorer(self) -> nn.Module:
+        """X as one module; subclasses pick ProtoNet or RelationNet by ``base_learner``."""
+        if self.base_learner == "protonet":
+            return ProtoNetScorer(self.make_backbone())
+        return build_relation_scorer(self)
+
+    def task_loss(self, net, task) -> Tuple[Tensor, Tensor]:
+        """X's loss L_T({ρ_c}, f(x̃)) of ``task`` under ``net`` (θ or θ'), and its scores."""
+        scores = net(task.support_x, task.support_y, task.query_x, task.ways)
+        return self.scorer.loss(scores, task.query_y, task.ways), scores
+
+    # batches ------------------------------------------------------------------------------
+    def _pairs(self, batch) -> List[Tuple[object, object]]:
+        if not isinstance(batch, (list, tuple)) or len(batch) == 0:
+            raise ConfigError(f"learner '{self.name}' trains on a non-empty list of "
+                              f"{'episodes' if self.same_task else '(T_i, T_j) episode pairs'}, "
+                              f"got {type(batch).__name__}")
+        if self.same_task:
+            for ep in batch:
+                if isinstance(ep, (tuple, list)):
+                    raise ConfigError(f"learner '{self.name}' (MAML + X, T_j = T_i) trains on "
+                                      "episodes, not pairs; its input_kind is 'episodes'")
+                check_episode(self, ep)
+            return [(ep, ep) for ep in batch]
+        pairs = []
+        for item in batch:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise ConfigError(f"learner '{self.name}' trains on (T_i, T_j) episode pairs "
+                                  f"(input_kind 'pairs'), got {type(item).__name__}")
+            check_episode(self, item[0])
+            check_episode(self, item[1])
+            pairs.append((item[0], item[1]))
+        check_disjoint_pairs(pairs)
+        return pairs
+
+    # protocol -----------------------------------------------------------------------------
+    def train_step(self, batch) -> Dict[str, Tensor]:
+        """One meta-update (eq. 5) on the mean over pairs of eq. 4's L_Tj(θ').
+
+        Each pair's outer loss is back-propagated as soon as it is computed (its graph is
+        freed before the next pair's), the gradients accumulate, then one Adam step.
+        """
+        pairs = self._pairs(batch)
+        self.train()
+        opt = self.optimizers["meta"]
+        opt.zero_grad(set_to_none=True)
+        n = len(pairs)
+        outer, inner, accs = [], [], []
+        for t_i, t_j in pairs:
+            first = []
+
+            def inner_loss(net, t_i=t_i, first=first):
+                loss, _ = self.task_loss(net, t_i)
+                if not first:
+                    first.append(loss.detach())
+                return loss
+
+            adapted = self.inner.adapt(inner_loss)           # θ' (eq. 3)
+            loss_j, scores = self.task_loss(adapted, t_j)    # L_Tj(θ') (eq. 4)
+            (loss_j / n).backward()
+            outer.append(loss_j.detach())
+            inner.append(first[0])
+            accs.append(accuracy(scores.detach(), t_j.query_y))
+        loss = torch.stack(outer).mean()
+        self.check_finite(loss, self.steps_done)
+        self.outer_step("meta")
+        self.steps_done += 1
+        return {"loss": loss, "acc": torch.stack(accs).mean(), "inner_loss": torch.stack(inner).mean()}
+
+    def predict(self, episode) -> Tensor:
+        """X's query scores at the meta-learned θ, no fine-tuning (L2G sec. 3.3)."""
+        check_episode(self, episode)
+        with torch.no_grad():
+            return self.scorer(episode.support_x, episode.support_y, episode.query_x, episode.ways)
+
+
+_L2G_PAPER = ("Lee, Na, Lee & Hwang, 'Learning to Generalize to Unseen Tasks with Bilevel "
+              "Optimization', arXiv:1908.01457, 2019")
+
+
+@register_learner("l2g+protonet")
+class L2GProtoNet(_BilevelMetric):
+    """L2G + Prototypical Networks: θ' from T_i (eq. 3), meta-loss on disjoint T_j (eq. 4)."""
+
+    description = ("L2G + ProtoNet: inner step on task T_i, meta-loss on a class-disjoint task "
+                   "T_j at the adapted weights; no fine-tuning at test")
+    paper = _L2G_PAPER
+    input_kind = "pairs"
+    Config = L2GConfig
+
+
+@register_learner("maml+protonet")
+class MAMLProtoNet(_BilevelMetric):
+    """MAML + Prototypical Networks: L2G's bilevel scheme with T_j = T_i (baseline 6)."""
+
+    description = ("MAML + ProtoNet: inner step on a task, meta-loss on the same task at the "
+                   "adapted weights (L2G paper's baseline); no fine-tuning at test")
+    paper = _L2G_PAPER
+    input_kind = "episodes"
+    same_task = True
+    Config = L2GConfig
