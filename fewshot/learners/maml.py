@@ -1,0 +1,225 @@
+"""Model-Agnostic Meta-Learning (Finn, Abbeel & Levine, ICML 2017), second and first order.
+
+The model f_θ is a backbone followed by an N-way linear layer named ``head``. For each task
+T_i of a meta-batch (Finn et al. Algorithm 2), the inner loop
+(:class:`fewshot.inner_loop.InnerLoop`) adapts θ on the support set D_i with T gradient steps
+of size α (eq. 1, repeated):
+
+    θ'_i = θ − α ∇_θ L_{T_i}(f_θ; D_i)
+
+and the meta-objective is the query loss of the adapted models, minimised by Adam with step
+size β (eq. 2 / eq. 3):
+
+    θ ← θ − β ∇_θ Σ_{T_i} L_{T_i}(f_{θ'_i}; D'_i)
+
+(here the mean over the meta-batch, so β does not depend on its size). Second-order MAML
+back-propagates through the inner steps; first-order MAML (``fomaml``, Finn et al. sec. 5.2)
+treats ∇_θ L in eq. 1 as a constant. Optionally α is learned per parameter tensor or per layer
+(Meta-SGD, Li et al. 2017) and handed to the same Adam optimiser.
+
+At test time :meth:`MAML.predict` fine-tunes on the episode's support set with ``eval_steps``
+steps of size α (Finn et al. use 10 at test for mini-ImageNet, 5 in training) and classifies
+the queries with the adapted weights. BatchNorm follows the inner loop's ``bn`` policy;
+``"transductive"`` (the default, MAML's reference code) uses the batch's statistics in
+training and at test.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fewshot.inner_loop import ADAPT_PRESETS, BN_POLICIES, InnerLoop
+from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
+from fewshot.learners.protonet import check_batch, check_episode
+from fewshot.learners.registry import register_learner
+
+__all__ = ["MAML", "FOMAML", "HeadNet", "eval_mode", "check_positive_int"]
+
+
+class HeadNet(nn.Module):
+    """``head(backbone(x))``: a backbone with an N-way ``nn.Linear`` named ``head``.
+
+    The head is initialised by ``backbone.init_head`` when the backbone has one (Conv-4:
+    Xavier-uniform weights, zero bias as in MAML's code), else by PyTorch's default.
+    """
+
+    def __init__(self, backbone: nn.Module, ways: int):
+        super().__init__()
+        self.backbone = backbone
+        features = getattr(backbone, "out_features", None)
+        if not isinstance(features, int) or features < 1:
+            raise TypeError("the backbone must expose out_features (its flat feature size)")
+        self.head = nn.Linear(features, ways)
+        init = getattr(backbone, "init_head", None)
+        if callable(init):
+            init(self.head)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.backbone(x)
+        return self.head(z.reshape(z.shape[0], -1))
+
+
+class eval_mode:
+    """Context manager: put ``module`` in eval mode and restore its previous mode after.
+
+    Fine-tuning learners predict in eval mode so that a BatchNorm policy with running
+    statistics reads them (and never updates them) at test time, whatever mode the caller
+    left the learner in.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __enter__(self):
+        self.was_training = self.module.training
+        self.module.eval()
+        return self.module
+
+    def __exit__(self, *exc):
+        self.module.train(self.was_training)
+        return False
+
+
+def check_positive_int(value, option: str, minimum: int = 1) -> None:
+    """ConfigError unless ``value`` is an int >= ``minimum``."""
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+            f"learner option '{option}' must be an integer >= {minimum}, got {value!r}")
+
+
+@register_learner("maml")
+class MAML(Learner):
+    """MAML with the shared inner loop; see the module docstring for the equations."""
+
+    description = "MAML: learn an initialisation that few SGD steps on the support set adapt (2nd order)"
+    paper = ("Finn, Abbeel & Levine, 'Model-Agnostic Meta-Learning for Fast Adaptation of "
+             "Deep Networks', ICML 2017")
+    input_kind = "episodes"
+    fine_tunes_at_test = True
+
+    @dataclass
+    class Config(LearnerConfig):
+        """MAML hyper-parameters (defaults: Finn et al. sec. 5.2, mini-ImageNet).
+
+        lr: β, the outer Adam step size (1e-3).
+        ways: N, outputs of the head; every episode must be N-way (5).
+        inner_steps: inner gradient steps in training (5).
+        inner_lr: α, the inner step size (0.01; Omniglot used 0.4).
+        eval_steps: fine-tuning steps at test (10; must be >= 1).
+        first_order: drop second derivatives (False; ``fomaml`` sets True).
+        bn: BatchNorm policy of the inner loop: "transductive" (MAML's code), "running",
+            "per_step" (MAML++).
+        adapt: which parameters the inner loop adapts: "all", "conv", "fc", "head".
+        learn_inner_lr: learn α (Meta-SGD, Li et al. 2017) with the outer optimiser.
+        lr_per: "tensor" (one α per parameter tensor) or "layer" (one per module).
+        meta_batch: tasks per outer step the trainer should draw (4 for 1-shot
+            mini-ImageNet; Omniglot used 32). ``train_step`` averages over any number.
+        """
+
+        lr: float = 1e-3
+        ways: int = 5
+        inner_steps: int = 5
+        inner_lr: float = 0.01
+        eval_steps: int = 10
+        first_order: bool = False
+        bn: str = "transductive"
+        adapt: str = "all"
+        learn_inner_lr: bool = False
+        lr_per: str = "tensor"
+        meta_batch: int = 4
+
+        def validate(self) -> None:
+            super().validate()
+            check_positive_int(self.ways, "ways", 1)
+            check_positive_int(self.inner_steps, "inner_steps", 0)
+            check_positive_int(self.eval_steps, "eval_steps", 0)
+            check_positive_int(self.meta_batch, "meta_batch", 1)
+            require(isinstance(self.inner_lr, (int, float)) and self.inner_lr > 0,
+                    f"learner option 'inner_lr' must be > 0, got {self.inner_lr!r}")
+            require(self.bn in BN_POLICIES, f"learner option 'bn' must be one of "
+                    f"{', '.join(BN_POLICIES)}, got {self.bn!r}")
+            require(self.adapt in ADAPT_PRESETS, f"learner option 'adapt' must be one of "
+                    f"{', '.join(ADAPT_PRESETS)}, got {self.adapt!r}")
+            require(self.lr_per in ("tensor", "layer"),
+                    f"learner option 'lr_per' must be 'tensor' or 'layer', got {self.lr_per!r}")
+            require(isinstance(self.first_order, bool),
+                    f"learner option 'first_order' must be true or false, got {self.first_order!r}")
+
+    def __init__(self, config=None, *, in_channels, image_size, num_classes=None, backbone=None):
+        super().__init__(config, in_channels=in_channels, image_size=image_size,
+                         num_classes=num_classes, backbone=backbone)
+        c = self.config
+        #: f_θ: backbone + N-way head
+        self.net = HeadNet(self.make_backbone(), c.ways)
+        #: the inner loop (owns α; learnable under learn_inner_lr)
+        self.loop = InnerLoop(self.net, steps=c.inner_steps, lr=c.inner_lr,
+                              learn_lr=c.learn_inner_lr, lr_per=c.lr_per, adapt=c.adapt,
+                              first_order=c.first_order, bn=c.bn)
+        params = list(self.net.parameters()) + list(self.loop.parameters())
+        self.optimizers["meta"] = torch.optim.Adam(params, lr=c.lr)
+
+    def _support_loss(self, episode):
+        def loss_fn(net):
+            return F.cross_entropy(net(episode.support_x), episode.support_y)
+
+        return loss_fn
+
+    def task_loss(self, episode, steps: Optional[int] = None):
+        """(query loss L_{T_i}(f_{θ'_i}; D'_i), query logits) after adapting on the support set."""
+        adapted = self.loop.adapt(self._support_loss(episode), steps=steps)
+        logits = adapted(episode.query_x)
+        return F.cross_entropy(logits, episode.query_y), logits
+
+    def train_step(self, batch) -> Dict[str, Tensor]:
+        """One Adam step on the mean query loss of the adapted models (eq. 3).
+
+        Tasks are processed one after the other and each one's graph is freed by its own
+        backward pass, so memory holds one task's unrolled inner loop at a time.
+        """
+        episodes = check_batch(self, batch, self.config.ways)
+        self.train()
+        opt = self.optimizers["meta"]
+        opt.zero_grad(set_to_none=True)
+        losses, accs = [], []
+        n = len(episodes)
+        for ep in episodes:
+            loss, logits = self.task_loss(ep)
+            (loss / n).backward()
+            losses.append(loss.detach())
+            accs.append(accuracy(logits.detach(), ep.query_y))
+        loss = torch.stack(losses).mean()
+        self.check_finite(loss, self.steps_done)
+        self.outer_step("meta")
+        self.steps_done += 1
+        return {"loss": loss, "acc": torch.stack(accs).mean()}
+
+    def predict(self, episode) -> Tensor:
+        """Fine-tune on the support set for ``eval_steps`` steps, return query logits."""
+        check_episode(self, episode, self.config.ways)
+        with eval_mode(self):
+            adapted = self.loop.adapt(self._support_loss(episode), steps=self.config.eval_steps,
+                                      differentiable=False)
+            with torch.no_grad():
+                return adapted(episode.query_x)
+
+
+@register_learner("fomaml")
+class FOMAML(MAML):
+    """First-order MAML (Finn et al. sec. 5.2): MAML without second derivatives."""
+
+    description = "first-order MAML: MAML's update with the inner gradients treated as constants"
+    paper = MAML.paper + " (first-order approximation, sec. 5.2)"
+
+    @dataclass
+    class Config(MAML.Config):
+        """As :class:`MAML.Config` with ``first_order=True`` (which it requires)."""
+
+        first_order: bool = True
+
+        def validate(self) -> None:
+            super().validate()
+            require(self.first_order is True, "learner 'fomaml' is first-order MAML: "
+                    "'first_order' must be true (use learner 'maml' for second order)")
