@@ -1,6 +1,8 @@
 """Networks: backbones (feature extractors), the MLTP paper's classifiers and the relation module.
 
-Entry points: :func:`build_backbone`, :func:`build_classifier`, :class:`RelationModule`.
+Entry points: :func:`build_backbone` (conv4, resnet12, resnet18, resnet34),
+:func:`build_classifier` (cnet1..4, ccnet1..4 and any backbone + a linear ``head``),
+:class:`RelationModule`. Helpers: :func:`count_parameters`, :func:`layer_kind`.
 """
 from fewshot.nn.registry import (
     BackboneClassifier,
@@ -14,8 +16,11 @@ from fewshot.nn.registry import (
     register_backbone,
     register_classifier,
 )
-from fewshot.nn import conv4 as _conv4  # noqa: F401  (registers conv4)
 from fewshot.nn.conv4 import Conv4, ConvBlock
+from fewshot.nn.resnet12 import ResNet12
+from fewshot.nn.resnet import TorchvisionResNet
+from fewshot.nn.cnet import PaperNet
+from fewshot.nn.relation import RelationModule
 
 __all__ = [
     "BackboneClassifier",
@@ -30,4 +35,8 @@ __all__ = [
     "register_classifier",
     "Conv4",
     "ConvBlock",
+    "ResNet12",
+    "TorchvisionResNet",
+    "PaperNet",
+    "RelationModule",
 ]

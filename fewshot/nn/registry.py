@@ -142,7 +142,7 @@ class FeatureExtractor(nn.Module):
 class BackboneClassifier(nn.Module):
     """``head(backbone(x))``: any backbone plus an ``nn.Linear`` named ``head`` giving logits.
 
-    ``features(x)`` returns the backbone's flat features (``feature_dim`` of them).
+    ``forward_features(x)`` returns the backbone's flat features (``feature_dim`` of them).
     """
 
     def __init__(self, backbone: FeatureExtractor, num_classes: int):
@@ -160,7 +160,8 @@ class BackboneClassifier(nn.Module):
         self.num_classes = num_classes
         self.feature_dim = backbone.out_features
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of ``head``: the backbone's flat features ``(B, feature_dim)``."""
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

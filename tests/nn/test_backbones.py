@@ -90,3 +90,94 @@ def test_classifier_on_backbone_has_linear_head():
     assert kinds == {"conv", "fc", "norm"}
     with pytest.raises(ConfigError, match="flatten=False"):
         build_classifier("conv4", in_channels=1, image_size=28, num_classes=5, flatten=False)
+
+
+# ----------------------------------------------------------------------------- resnet12
+def _resnet12_count(c_in, widths):
+    # per block: conv1 9*i*o, conv2 and conv3 9*o*o each, shortcut 1x1 i*o, 4 BNs with 2*o each
+    total = 0
+    for o in widths:
+        total += 9 * c_in * o + 2 * 9 * o * o + c_in * o + 4 * 2 * o
+        c_in = o
+    return total
+
+
+def test_resnet12_full_width_84():
+    net = build_backbone("resnet12", in_channels=3, image_size=84)
+    assert count_parameters(net) == _resnet12_count(3, (64, 160, 320, 640)) == 12_424_320  # 76,160 + 564,480 + 2,357,760 + 9,425,920
+    assert net.out_shape == (640, 5, 5) and net.out_features == 640
+    x = torch.randn(2, 3, 84, 84)
+    feats = net(x)
+    assert feats.shape == (2, 640)
+    net.flatten = False
+    maps = net(x)
+    assert maps.shape == (2, 640, 5, 5)
+    torch.testing.assert_close(feats, maps.mean(dim=(2, 3)))  # global average pooling
+    slopes = {m.negative_slope for m in net.modules() if isinstance(m, nn.LeakyReLU)}
+    assert slopes == {0.1}
+
+
+@pytest.mark.parametrize("size, hw", [(28, 1), (32, 2), (64, 4), (84, 5)])
+def test_resnet12_sizes(size, hw):
+    # four blocks, each ending in a 2x2 max-pool: floor(n / 16)
+    assert hw == size // 16
+    widths = (4, 8, 8, 16)  # narrow, to keep the test fast; sizes do not depend on widths
+    net = build_backbone("resnet12", in_channels=3, image_size=size, channels=widths, pool="flatten")
+    assert net.out_shape == (16, hw, hw) and net.out_features == 16 * hw * hw
+    assert net(torch.randn(2, 3, size, size)).shape == (2, 16 * hw * hw)
+    with pytest.raises(ConfigError, match="too small"):
+        build_backbone("resnet12", in_channels=3, image_size=15, channels=widths)
+
+
+# ----------------------------------------------------------------------------- torchvision ResNets
+def _stem_then_stages(n, drop_maxpool):
+    out = lambda n, k, s, p: (n + 2 * p - k) // s + 1  # noqa: E731
+    n = out(n, 7, 2, 3)
+    if not drop_maxpool:
+        n = out(n, 3, 2, 1)
+    for _ in range(3):
+        n = out(n, 3, 2, 1)
+    return n
+
+
+@pytest.mark.parametrize("size", [28, 32, 64, 84])
+def test_resnet18_sizes_and_drop_maxpool(size):
+    for drop in (False, True):
+        net = build_backbone("resnet18", in_channels=3, image_size=size, drop_maxpool=drop, flatten=False)
+        n = _stem_then_stages(size, drop)
+        assert net.out_shape == (512, n, n)
+        if size == 64:  # the MLTP Tiny ImageNet case: 64 -> 2x2 with the max-pool, 4x4 without
+            assert n == (4 if drop else 2)
+            assert net(torch.randn(2, 3, 64, 64)).shape == (2, 512, n, n)
+
+
+def test_resnet_parameter_counts_match_torchvision_without_fc():
+    import torchvision
+
+    for depth, fn in ((18, torchvision.models.resnet18), (34, torchvision.models.resnet34)):
+        ref = fn(weights=None)
+        expected = count_parameters(ref) - (512 * 1000 + 1000)  # minus torchvision's fc
+        net = build_backbone(f"resnet{depth}", in_channels=3, image_size=64, drop_maxpool=True)
+        assert count_parameters(net) == expected
+        assert not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
+    assert count_parameters(build_backbone("resnet18", in_channels=3, image_size=64)) == 11_176_512
+
+
+def test_resnet34_classifier_forward_64_and_kaiming_init():
+    net = build_classifier("resnet34", in_channels=3, image_size=64, num_classes=200, drop_maxpool=True)
+    assert net(torch.randn(2, 3, 64, 64)).shape == (2, 200)
+    assert isinstance(net.head, nn.Linear) and net.head.in_features == 512
+    # Kaiming-normal, fan_out, ReLU gain: std = sqrt(2 / (C_out * 3 * 3)) for layer3's 256-filter convs
+    w = net.backbone.layer3[1].conv1.weight
+    assert w.std().item() == pytest.approx(math.sqrt(2.0 / (256 * 9)), rel=0.02)
+    # head: Kaiming-normal, fan_in, unit gain: std = 1/sqrt(512)
+    assert net.head.weight.std().item() == pytest.approx(1 / math.sqrt(512), rel=0.03)
+    assert net.head.bias.abs().max().item() == 0.0
+
+
+def test_resnet_in_channels_one():
+    net = build_backbone("resnet18", in_channels=1, image_size=28)
+    assert net.conv1.in_channels == 1
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 512)
+    # conv1: Kaiming fan_out = 64 * 7 * 7
+    assert net.conv1.weight.std().item() == pytest.approx(math.sqrt(2.0 / (64 * 49)), rel=0.05)
