@@ -1,0 +1,298 @@
+"""Standard supervised training: the baseline of the MLTP paper.
+
+Deng & Zhang, "Is the Meta-Learning Idea Able to Improve the Generalization of Deep Neural
+Networks on the Standard Supervised Learning?", ICPR 2020, section III-A: in every
+iteration a minibatch (x_bat, y_bat) gives the loss
+
+    C(w, x_bat, y_bat) = L(f(w, x_bat), y_bat)                       (eq. 1)
+
+(L = cross-entropy here) and w takes one step of the optimiser on ∂C/∂w. Weight decay is
+the optimiser's ``weight_decay``, i.e. the objective gains β R(w) with R(w) = ½‖w‖² (the
+paper's eq. 6 applied to eq. 1; torch adds β w to the gradient, which is L2
+regularisation, not AdamW's decoupled decay).
+
+The learner consumes the same :class:`~fewshot.data.supervised.TaskPairBatch` as MLTP
+(two halves of one minibatch of B images) and trains on their union, so that standard
+training and MLTP see exactly the same images per iteration, the same network, schedule
+and augmentation.
+
+This module also holds :class:`SupervisedLearner`, the machinery the two supervised
+learners share: the classifier, the optimiser (Adam or SGD with momentum), the
+multi-step learning-rate schedule (``milestones`` in epochs, divided by ``gamma`` at each),
+batch checks and ``predict_batch``.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fewshot.errors import ConfigError, TrainingError
+from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
+from fewshot.learners.registry import register_learner
+
+_OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class SupervisedConfig(LearnerConfig):
+    """Hyper-parameters shared by ``standard`` and the MLTP learners.
+
+    Defaults are the paper's CIFAR settings (section IV-A): Adam, lr 1e-3, divided by 10
+    after epochs 50 and 100 (the spec files set them explicitly).
+    """
+
+    lr: float = 1e-3  # r in Algorithm 1 (initial learning rate of w and α)
+    backbone: str = "cnet1"  # a name known to fewshot.nn.build_classifier
+    backbone_options: Dict = field(default_factory=dict)
+    optimizer: str = "adam"  # "adam" | "sgd" (SGD with momentum, the Tiny ImageNet setting)
+    momentum: float = 0.9  # SGD momentum (ignored by Adam)
+    nesterov: bool = False
+    weight_decay: float = 0.0  # β of eq. 6 with R(w) = ½‖w‖² (never applied to step sizes α)
+    milestones: List[int] = field(default_factory=list)  # epochs after which lr is × gamma
+    gamma: float = 0.1
+    steps_per_epoch: int = 0  # iterations per epoch; 0 = set by the trainer (set_steps_per_epoch)
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.optimizer in _OPTIMIZERS,
+                f"learner option 'optimizer' must be one of {', '.join(_OPTIMIZERS)}, "
+                f"got '{self.optimizer}'")
+        require(0.0 <= self.momentum < 1.0,
+                f"learner option 'momentum' must lie in [0, 1), got {self.momentum}")
+        require(self.weight_decay >= 0.0,
+                f"learner option 'weight_decay' must be >= 0, got {self.weight_decay}")
+        require(0.0 < self.gamma <= 1.0,
+                f"learner option 'gamma' must lie in (0, 1], got {self.gamma}")
+        require(int(self.steps_per_epoch) >= 0,
+                f"learner option 'steps_per_epoch' must be >= 0, got {self.steps_per_epoch}")
+        ms = list(self.milestones)
+        require(all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in ms),
+                f"learner option 'milestones' must be positive whole epochs, got {ms}")
+        require(ms == sorted(set(ms)),
+                f"learner option 'milestones' must be strictly increasing, got {ms}")
+
+
+def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> Dict[int, Tensor]:
+    """Number of rows whose label is among the k largest logits, for each k (0-dim tensors).
+
+    k larger than the number of classes counts every row as correct (top-5 of a 3-class
+    problem is trivially 100%).
+    """
+    out = {}
+    kmax = min(max(ks), logits.shape[-1])
+    top = logits.topk(kmax, dim=-1).indices
+    hit = top == labels.unsqueeze(-1)
+    for k in ks:
+        out[k] = hit[:, :min(k, kmax)].any(dim=-1).sum()
+    return out
+
+
+class SupervisedLearner(Learner):
+    """Shared machinery of the supervised learners (``input_kind = "supervised"``).
+
+    Owns ``self.model`` (a classifier ``(B, C, H, W) -> (B, num_classes)`` logits), one
+    optimiser ``self.optimizers["meta"]`` over w (with ``weight_decay``) and any extra
+    parameter group a subclass adds (MLTP's step sizes α, without weight decay), and a
+    :class:`torch.optim.lr_scheduler.MultiStepLR` stepped once per optimiser step with
+    milestones ``epoch × steps_per_epoch``.
+    """
+
+    input_kind = "supervised"
+    Config = SupervisedConfig
+    fine_tunes_at_test = False
+
+    def __init__(self, config: Optional[SupervisedConfig] = None, *, in_channels: int,
+                 image_size: int, num_classes: Optional[int] = None,
+                 backbone: Optional[nn.Module] = None):
+        super().__init__(config, in_channels=in_channels, image_size=image_size,
+                         num_classes=num_classes, backbone=backbone)
+        if num_classes is None or int(num_classes) < 2:
+            raise ConfigError(f"learner '{self.name}' trains a classifier over the training "
+                              f"classes and needs num_classes >= 2, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.model = self._build_model()
+        self._steps_per_epoch = int(self.config.steps_per_epoch)
+
+    # ------------------------------------------------------------------ set-up
+    def _build_model(self) -> nn.Module:
+        """``config.backbone`` from :func:`fewshot.nn.build_classifier`, or the user's backbone
+        followed by a linear ``head`` over ``num_classes``."""
+        if self._given_backbone is not None:
+            feats = self._given_backbone
+            d = getattr(feats, "out_features", None)
+            if not isinstance(d, int) or d < 1:
+                raise ConfigError(f"learner '{self.name}': the given backbone must expose "
+                                  f"'out_features' (its feature size), got {d!r}")
+            return nn.Sequential(OrderedDict(features=feats,
+                                             head=nn.Linear(d, self.num_classes)))
+        from fewshot.nn import build_classifier
+
+        return build_classifier(self.config.backbone, in_channels=self.in_channels,
+                                image_size=self.image_size, num_classes=self.num_classes,
+                                **self.config.backbone_options)
+
+    def _make_optimizer(self, extra_params: Sequence[Tensor] = ()) -> None:
+        """One optimiser over w (weight decay β) and ``extra_params`` (no weight decay).
+
+        Algorithm 1, line 7: w and α are both updated with learning rate r by the same
+        optimiser; eq. 6's β R(w) regularises w only.
+        """
+        c = self.config
+        groups = [{"params": list(self.model.parameters()), "weight_decay": c.weight_decay}]
+        extra = [p for p in extra_params if p.requires_grad]
+        if extra:
+            groups.append({"params": extra, "weight_decay": 0.0})
+        if c.optimizer == "adam":
+            opt = torch.optim.Adam(groups, lr=c.lr)
+        else:
+            opt = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov)
+        self.optimizers["meta"] = opt
+        self._make_scheduler()
+
+    def _make_scheduler(self) -> None:
+        c = self.config
+        opt = self.optimizers["meta"]
+        if not c.milestones:
+            self.schedulers["meta"] = None
+            return
+        n = self._steps_per_epoch
+        # without an epoch length yet, the milestones cannot be placed: build the
+        # scheduler when the trainer calls set_steps_per_epoch (checked in train_step)
+        if n <= 0:
+            self.schedulers["meta"] = None
+            return
+        for g in opt.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+        sched = torch.optim.lr_scheduler.MultiStepLR(
+            opt, milestones=[m * n for m in c.milestones], gamma=c.gamma)
+        if self.steps_done > 0:  # resuming: put the lr where the schedule has it now
+            sched.last_epoch = self.steps_done
+            k = sum(1 for m in c.milestones if m * n <= self.steps_done)
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * c.gamma ** k
+        self.schedulers["meta"] = sched
+
+    def set_steps_per_epoch(self, n: int) -> None:
+        """Tell the learner how many optimiser steps make an epoch (places the milestones).
+
+        The trainer calls this with the adapter's number of minibatches per epoch before
+        the first step; a spec may also fix it as the option ``steps_per_epoch``.
+        """
+        n = int(n)
+        if n < 1:
+            raise ConfigError(f"steps per epoch must be >= 1, got {n}")
+        if self.config.steps_per_epoch and n != self.config.steps_per_epoch:
+            raise ConfigError(f"learner option 'steps_per_epoch' is {self.config.steps_per_epoch} "
+                              f"but the data gives {n} minibatches per epoch; remove the "
+                              f"option or fix it")
+        self._steps_per_epoch = n
+        self._make_scheduler()
+
+    def current_lr(self) -> float:
+        """The learning rate r of w at this step."""
+        return float(self.optimizers["meta"].param_groups[0]["lr"])
+
+    # ------------------------------------------------------------------ checks
+    def check_batch(self, batch) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return ``(x_i, y_i, x_j, y_j)`` after checking shapes and labels.
+
+        The two halves must be equally large: the paper splits a minibatch of 128 into two
+        tasks of 64 (section IV-A). An odd minibatch is refused rather than split unevenly.
+        """
+        try:
+            x_i, y_i, x_j, y_j = batch.x_i, batch.y_i, batch.x_j, batch.y_j
+        except AttributeError:
+            raise ConfigError(f"learner '{self.name}' consumes TaskPairBatch(x_i, y_i, x_j, y_j) "
+                              f"minibatches, got {type(batch).__name__}") from None
+        for nm, x, y in (("task_i", x_i, y_i), ("task_j", x_j, y_j)):
+            if x.dim() != 4 or x.shape[1] != self.in_channels:
+                raise ConfigError(f"{nm} images must be (B, {self.in_channels}, H, W), "
+                                  f"got {tuple(x.shape)}")
+            if y.dim() != 1 or y.shape[0] != x.shape[0]:
+                raise ConfigError(f"{nm} has {x.shape[0]} images but labels of shape "
+                                  f"{tuple(y.shape)}")
+            if x.shape[0] == 0:
+                raise ConfigError(f"{nm} is empty; use a batch_size of at least 2")
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= self.num_classes:
+                raise ConfigError(f"{nm} labels must lie in 0..{self.num_classes - 1}, "
+                                  f"found {lo}..{hi}")
+        if x_i.shape[0] != x_j.shape[0]:
+            raise ConfigError(f"task_i has {x_i.shape[0]} images and task_j {x_j.shape[0]}: a "
+                              f"minibatch is split into two equal halves (MLTP paper sec. IV); "
+                              f"use an even batch_size")
+        if self.config.milestones and self.schedulers.get("meta") is None:
+            raise ConfigError(f"learner '{self.name}': option 'milestones' is in epochs but the "
+                              f"epoch length is unknown; set option 'steps_per_epoch' or call "
+                              f"set_steps_per_epoch() before training")
+        dev = self.device
+        return x_i.to(dev), y_i.to(dev), x_j.to(dev), y_j.to(dev)
+
+    def _guard_finite(self, loss: Tensor, what: str = "loss") -> None:
+        """Refuse a non-finite objective before any weight moves (nothing half-updated)."""
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise TrainingError(f"learner '{self.name}': non-finite {what} ({float(loss)}) at "
+                                f"training step {self.steps_done}; lower 'lr' (now "
+                                f"{self.current_lr():g}) or check the inputs for NaN")
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict_batch(self, x: Tensor) -> Tensor:
+        """Logits ``f(w, x)`` of shape (B, num_classes), in evaluation mode.
+
+        No extra test-time computation for MLTP (sec. III-B): the network at w is used
+        as it is (BatchNorm with running statistics, dropout off).
+        """
+        was = self.model.training
+        self.model.eval()
+        try:
+            return self.model(x.to(self.device))
+        finally:
+            self.model.train(was)
+
+    def predict(self, episode) -> Tensor:
+        raise ConfigError(f"learner '{self.name}' is a supervised classifier over "
+                          f"{self.num_classes} training classes and does not take few-shot "
+                          f"episodes; evaluate it with predict_batch(x) on a test split")
+
+
+@register_learner("standard")
+class Standard(SupervisedLearner):
+    """Ordinary supervised training (MLTP paper eq. 1): cross-entropy on the whole minibatch.
+
+    ``train_step(TaskPairBatch)`` takes one optimiser step on
+    C(w, x_bat, y_bat) = L(f(w, x_bat), y_bat) with x_bat = x_i ∪ x_j (both halves), plus the
+    optimiser's weight decay β·½‖w‖² (eq. 6 without the meta term).
+    """
+
+    description = "standard supervised training (cross-entropy on each minibatch), MLTP's baseline"
+    paper = ("Deng & Zhang, Is the Meta-Learning Idea Able to Improve the Generalization of Deep "
+             "Neural Networks on the Standard Supervised Learning?, ICPR 2020 (baseline, eq. 1)")
+
+    def __init__(self, config: Optional[SupervisedConfig] = None, **kwargs):
+        super().__init__(config, **kwargs)
+        self._make_optimizer()
+
+    def loss(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+        """C(w, x, y) of eq. 1 and the logits."""
+        logits = self.model(x)
+        return F.cross_entropy(logits, y), logits
+
+    def train_step(self, batch) -> Dict[str, Tensor]:
+        x_i, y_i, x_j, y_j = self.check_batch(batch)
+        self.model.train()
+        x = torch.cat([x_i, x_j])
+        y = torch.cat([y_i, y_j])
+        loss, logits = self.loss(x, y)
+        self._guard_finite(loss)
+        opt = self.optimizers["meta"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.outer_step("meta")
+        self.steps_done += 1
+        return {"loss": loss.detach(), "acc": accuracy(logits.detach(), y)}
