@@ -236,7 +236,7 @@ class SupervisedLearner(Learner):
     def _guard_finite(self, loss: Tensor, what: str = "loss") -> None:
         """Refuse a non-finite objective before any weight moves (nothing half-updated)."""
         if not bool(torch.isfinite(loss.detach()).all()):
-            raise TrainingError(f"learner '{self.name}': non-finite {what} ({float(loss)}) at "
+            raise TrainingError(f"learner '{self.name}': non-finite {what} ({float(loss.detach())}) at "
                                 f"training step {self.steps_done}; lower 'lr' (now "
                                 f"{self.current_lr():g}) or check the inputs for NaN")
 
