@@ -1,0 +1,468 @@
+"""MTL: meta-transfer learning, joint transfer learning and meta-learning (MAML or Reptile).
+
+Paper: "Meta-Transfer Learning" (2-page AAAI student abstract, ``meta_transfer_aaai``),
+Algorithm 1. One model f_θ: a shared feature extractor with two heads (the paper's Figure 1),
+an N-way head for the sampled tasks and a C-way head over all C base classes (64 for
+mini-ImageNet). Each iteration, for a batch of tasks τ_i ~ p(τ):
+
+    θ_i = θ − α_inner ∇L_τi(f_θ)   for k steps, one per sub-batch of τ_i's examples  (lines 5-6)
+    θ_metalearner = θ − α_outer Σ_i ∇L_τi(f_θi)                           (line 7, MAML)
+    θ_metalearner = θ + α_outer Σ_i (θ_i − θ)                             (line 8, Reptile)
+    θ_discriminator = θ − α_d ∇L_(x,y)(f_θ)                               (line 9, transfer)
+    θ ← β θ_metalearner + (1 − β) θ_discriminator                         (line 10)
+
+where L_(x,y) is the C-way cross-entropy over *all* instances of the sampled tasks with
+their base-class labels (the episodes' ``base_support_y`` / ``base_query_y``). Lines 7 and
+9 are both evaluated at the same θ and the two moved copies are averaged with weight β on
+the meta-learner (the paper's convention, used by the config: ``beta``). The authors'
+public code weights the *transfer* copy with its "β = 0.1"; that is ``beta = 0.9`` here,
+the default. β = 1 is the plain meta-learner, β = 0 plain transfer learning.
+
+The k inner steps go through :class:`fewshot.inner_loop.InnerLoop`; ``loss_fn`` picks
+sub-batch t at step t. Sub-batches: with ``inner_batch`` = B (default 20, the authors'
+code), the examples are shuffled and cut into k batches of B, reshuffling whenever a pass
+is used up (OpenAI's Reptile mini-batches, which the authors' code builds on); with
+``inner_batch = None``, a random permutation is split into k nearly equal sub-batches (the
+paper's literal "split the examples of the task into k sub-batches"). Which examples:
+MTL+MAML adapts on the support set and takes line 7's loss on the query set (MAML's
+train/test split of a task); MTL+Reptile adapts on all of the task's examples (support and
+query), as Reptile has no query loss.
+
+Step sizes and optimisers. ``lr`` is α_outer. The paper writes Σ_i; we use the mean over
+the meta-batch (Reptile's and MAML's batched code), i.e. α_outer(paper) = lr / meta-batch.
+Each update can be the paper's plain gradient step ("sgd") or an Adam step, as the authors'
+code does, where each head's loss has its own Adam with β1 = 0 (the transfer step's Adam
+keeps its moments across iterations; the inner loop's Adam starts afresh for each task).
+Defaults (where the 2-page paper is silent, the authors' code): Conv-4 with 32 filters,
+both heads zero-initialised, k = 10 inner steps on batches of 20, α_inner = α_d = 1e-3
+with Adam (β1 = 0), meta-batch 5 and 15 training shots (sampler settings), 100,000
+iterations (the benchmark specs). MTL+Reptile's meta step is plain interpolation with
+α_outer = 1 (optionally annealed linearly to 0 as the Reptile code does, ``anneal_steps``).
+MTL+MAML is second order by default (the paper names MAML; the authors' "MAML" is first
+order, ``first_order=true``) with plain SGD inner steps (α_inner = 0.01, MAML's value; a
+second-order derivative through Adam's g/|g| is ill-conditioned) and Adam meta steps
+(MAML's β = 1e-3). Not copied from that code: sampling a task's classes with replacement
+(our samplers draw without replacement), evaluation with one query per class on 100 tasks,
+curves on the test split.
+
+Evaluation (``predict``, the paper: "for adaptation to a new unseen task, regular
+stochastic gradient descent will be used"): a new zero-initialised N-way head for the
+episode's N (any N: 5, 20, 35 ways), ``eval_steps`` plain SGD steps of size ``eval_lr``
+on mini-batches of at most ``eval_batch`` support examples (all parameters adapt), then
+the query logits. BatchNorm: the ``bn`` policy of the inner loop, "transductive" by
+default (Reptile's and MAML's reference behaviour: batch statistics in training and test).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fewshot.errors import ConfigError, DataError
+from fewshot.inner_loop import BN_POLICIES, InnerLoop
+from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
+from fewshot.learners.maml import check_positive_int, eval_mode
+from fewshot.learners.protonet import check_batch, check_episode
+from fewshot.learners.registry import register_learner
+
+__all__ = ["MTLNet", "MTLConfig", "MTLMAML", "MTLReptile", "sub_batches"]
+
+_PAPER = ("'Meta-Transfer Learning' (joint transfer learning and meta-learning), AAAI student "
+          "abstract; Algorithm 1")
+
+
+def sub_batches(n: int, k: int, batch: Optional[int], generator: torch.Generator) -> List[Tensor]:
+    """Indices of the k sub-batches of n examples (see the module docstring).
+
+    ``batch=None``: a random permutation split into k nearly equal parts (needs k <= n).
+    ``batch=B``: k consecutive batches of B from shuffled passes over the examples, a new
+    shuffle per pass (B <= n); a batch may straddle two passes.
+    """
+    if batch is None:
+        if k > n:
+            raise ConfigError(f"MTL cannot split a task of {n} examples into k={k} sub-batches "
+                              f"(learner option 'inner_steps'); use k <= {n} or set 'inner_batch'")
+        return list(torch.tensor_split(torch.randperm(n, generator=generator), k))
+    if batch > n:
+        raise ConfigError(f"MTL sub-batch size inner_batch={batch} exceeds the task's {n} "
+                          f"examples; lower 'inner_batch' or use more shots")
+    passes = math.ceil(k * batch / n)
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(passes)])
+    return list(order[:k * batch].view(k, batch))
+
+
+class MTLNet(nn.Module):
+    """A feature extractor with an N-way ``head`` and a C-way ``base_head`` (paper Fig. 1).
+
+    ``forward(x)`` gives N-way task logits, ``forward(x, base=True)`` C-way base-class
+    logits. Both heads start at zero (the authors' code).
+    """
+
+    def __init__(self, backbone: nn.Module, ways: int, num_classes: Optional[int]):
+        super().__init__()
+        features = getattr(backbone, "out_features", None)
+        if not isinstance(features, int) or features < 1:
+            raise ConfigError("MTL's backbone must expose out_features (its flat feature size)")
+        self.backbone = backbone
+        like = next(backbone.parameters(), None)
+        self.head = _zero_linear(features, ways, like)
+        self.base_head = _zero_linear(features, num_classes, like) if num_classes else None
+
+    def features(self, x: Tensor) -> Tensor:
+        z = self.backbone(x)
+        return z.reshape(z.shape[0], -1)
+
+    def forward(self, x: Tensor, base: bool = False) -> Tensor:
+        return (self.base_head if base else self.head)(self.features(x))
+
+
+class _FineTuneNet(nn.Module):
+    """The shared feature extractor with a new N-way head, for test-time fine-tuning."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.backbone(x)
+        return self.head(z.reshape(z.shape[0], -1))
+
+
+def _zero_linear(d_in: int, d_out: int, like: Optional[Tensor] = None) -> nn.Linear:
+    """A zero-initialised ``nn.Linear`` on the device and dtype of ``like``."""
+    kw = {} if like is None else {"device": like.device, "dtype": like.dtype}
+    layer = nn.Linear(d_in, d_out, **kw)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _not_base_head(name: str, param, module) -> bool:
+    return not name.startswith("base_head.")
+
+
+@dataclass
+class MTLConfig(LearnerConfig):
+    """MTL hyper-parameters (see the module docstring for the equations and defaults).
+
+    lr: α_outer, the meta-learner step (Reptile: interpolation 1.0; MAML: Adam 1e-3).
+    meta_optimizer: "sgd" (the paper's plain step) or "adam" for line 7/8.
+    beta: β of line 10, weight of the meta-learner's copy, in [0, 1] (0.9 = the code's 0.1).
+    ways: N of the training tasks' head (every training episode must be N-way).
+    inner_steps: k, inner steps per task (10).
+    inner_batch: examples per sub-batch (20); None splits the task into k parts.
+    inner_lr: α_inner; inner_optimizer: "sgd" or "adam" (Adam with β1 = adam_beta1).
+    first_order: MTL+MAML only: drop second derivatives through the inner steps.
+    transfer_lr: α_d; transfer_optimizer: "sgd" or "adam" (β1 = adam_beta1).
+    adam_beta1: β1 of the inner and transfer Adams (0, the authors' code).
+    anneal_steps: decay lr linearly to 0 over this many iterations (0 = constant).
+    eval_steps, eval_lr, eval_batch: test-time SGD fine-tuning of a new N-way head.
+    bn: BatchNorm policy of the inner loop ("transductive", "running", "per_step").
+    seed: seed of the sub-batch shuffles.
+    """
+
+    lr: float = 1.0
+    meta_optimizer: str = "sgd"
+    beta: float = 0.9
+    ways: int = 5
+    inner_steps: int = 10
+    inner_batch: Optional[int] = 20
+    inner_lr: float = 1e-3
+    inner_optimizer: str = "adam"
+    first_order: bool = False
+    transfer_lr: float = 1e-3
+    transfer_optimizer: str = "adam"
+    adam_beta1: float = 0.0
+    anneal_steps: int = 0
+    eval_steps: int = 50
+    eval_lr: float = 0.01
+    eval_batch: Optional[int] = 128
+    bn: str = "transductive"
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        require(isinstance(self.beta, (int, float)) and not isinstance(self.beta, bool)
+                and 0.0 <= self.beta <= 1.0,
+                f"learner option 'beta' (β of MTL Algorithm 1, line 10: the meta-learner's "
+                f"weight) must lie in [0, 1], got {self.beta!r}")
+        check_positive_int(self.ways, "ways", 1)
+        check_positive_int(self.inner_steps, "inner_steps", 1)
+        check_positive_int(self.eval_steps, "eval_steps", 0)
+        check_positive_int(self.anneal_steps, "anneal_steps", 0)
+        for opt in ("inner_batch", "eval_batch"):
+            v = getattr(self, opt)
+            if v is not None:
+                check_positive_int(v, opt, 1)
+        for opt in ("inner_lr", "transfer_lr", "eval_lr"):
+            v = getattr(self, opt)
+            require(isinstance(v, (int, float)) and v > 0,
+                    f"learner option '{opt}' must be > 0, got {v!r}")
+        for opt in ("meta_optimizer", "inner_optimizer", "transfer_optimizer"):
+            require(getattr(self, opt) in ("sgd", "adam"),
+                    f"learner option '{opt}' must be 'sgd' or 'adam', got {getattr(self, opt)!r}")
+        require(0.0 <= self.adam_beta1 < 1.0,
+                f"learner option 'adam_beta1' must lie in [0, 1), got {self.adam_beta1}")
+        require(self.bn in BN_POLICIES, f"learner option 'bn' must be one of "
+                                        f"{', '.join(BN_POLICIES)}, got {self.bn!r}")
+
+
+class _MTL(Learner):
+    """Meta-transfer learning (Algorithm 1); ``variant`` picks line 7 (MAML) or 8 (Reptile)."""
+
+    paper = _PAPER
+    input_kind = "episodes"
+    fine_tunes_at_test = True
+    variant: ClassVar[str] = "reptile"
+
+    def __init__(self, config=None, *, in_channels, image_size, num_classes=None, backbone=None):
+        super().__init__(config, in_channels=in_channels, image_size=image_size,
+                         num_classes=num_classes, backbone=backbone)
+        cfg = self.config
+        if cfg.beta < 1 and not num_classes:
+            raise ConfigError(f"learner '{self.name}' needs num_classes (the C base classes of "
+                              f"the training split) for its transfer head when beta < 1 "
+                              f"(beta={cfg.beta})")
+        #: f_θ: shared features, N-way ``head``, C-way ``base_head``
+        self.net = MTLNet(self.make_backbone(), cfg.ways, num_classes if cfg.beta < 1 else None)
+        #: the k inner steps of lines 5-6 (adapts the features and the N-way head)
+        self.inner = InnerLoop(self.net, steps=cfg.inner_steps, lr=cfg.inner_lr,
+                               adapt=_not_base_head,
+                               first_order=cfg.first_order or self.variant == "reptile",
+                               bn=cfg.bn, optimizer=cfg.inner_optimizer,
+                               adam_betas=(cfg.adam_beta1, 0.999))
+        meta_params = list(self.net.backbone.parameters()) + list(self.net.head.parameters())
+        self.optimizers["meta"] = self._optimizer(meta_params, cfg.meta_optimizer, cfg.lr,
+                                                  beta1=0.9)
+        if cfg.anneal_steps:
+            total = cfg.anneal_steps
+            self.schedulers["meta"] = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizers["meta"], lambda t: max(0.0, 1.0 - t / total))
+        if self.net.base_head is not None:
+            transfer_params = list(self.net.backbone.parameters()) + list(self.net.base_head.parameters())
+            self.optimizers["transfer"] = self._optimizer(transfer_params, cfg.transfer_optimizer,
+                                                          cfg.transfer_lr, beta1=cfg.adam_beta1)
+        self._rng = torch.Generator().manual_seed(int(cfg.seed))
+
+    @staticmethod
+    def _optimizer(params, kind: str, lr: float, beta1: float) -> torch.optim.Optimizer:
+        if kind == "adam":
+            return torch.optim.Adam(params, lr=lr, betas=(beta1, 0.999))
+        return torch.optim.SGD(params, lr=lr)
+
+    # ----------------------------------------------------------------------- checks
+    def inner_examples(self, ways: int, shots: int, queries: int) -> int:
+        """How many examples the k inner steps of a task draw from (MAML: support only)."""
+        return ways * shots if self.variant == "maml" else ways * (shots + queries)
+
+    def validate_task(self, ways: int, shots: int, queries: int) -> None:
+        """Raise :class:`ConfigError` before training if a ways/shots/queries task cannot be used.
+
+        (ways must equal the N-way head's N; the k sub-batches must fit the task.)
+        """
+        cfg = self.config
+        if ways != cfg.ways:
+            raise ConfigError(f"learner '{self.name}' has an N-way head with N={cfg.ways} "
+                              f"(option 'ways') but training tasks are {ways}-way")
+        if self.variant == "maml" and queries < 1:
+            raise ConfigError(f"learner '{self.name}' takes MAML's meta-loss on query examples; "
+                              "train.queries must be >= 1")
+        n = self.inner_examples(ways, shots, queries)
+        sub_batches(n, cfg.inner_steps, cfg.inner_batch, torch.Generator())
+
+    def _check_task(self, ep) -> None:
+        n = ep.support_x.shape[0] + (0 if self.variant == "maml" else ep.query_x.shape[0])
+        cfg = self.config
+        if cfg.inner_batch is None and cfg.inner_steps > n:
+            raise ConfigError(f"MTL cannot split a task of {n} examples into k={cfg.inner_steps} "
+                              f"sub-batches (learner option 'inner_steps'); use k <= {n} or set "
+                              f"'inner_batch'")
+        if cfg.inner_batch is not None and cfg.inner_batch > n:
+            raise ConfigError(f"MTL sub-batch size inner_batch={cfg.inner_batch} exceeds the "
+                              f"task's {n} examples; lower 'inner_batch' or use more shots")
+        if self.variant == "maml" and ep.query_x.shape[0] == 0:
+            raise ConfigError(f"learner '{self.name}' needs query examples for MAML's meta-loss")
+        if self.net.base_head is not None:
+            if ep.base_support_y is None or ep.base_query_y is None:
+                raise DataError(f"learner '{self.name}' needs base-class labels "
+                                "(Episode.base_support_y / base_query_y) for its transfer update")
+
+    def _base_targets(self, episodes) -> Tensor:
+        y = torch.cat([torch.cat([ep.base_support_y, ep.base_query_y]) for ep in episodes])
+        lo, hi = torch.aminmax(y)
+        if int(lo) < 0 or int(hi) >= self.net.base_head.out_features:
+            raise DataError(f"base-class labels {int(lo)}..{int(hi)} do not fit the C-way head "
+                            f"(C = num_classes = {self.net.base_head.out_features}); build the "
+                            "learner with the training split's number of classes")
+        return y
+
+    # ------------------------------------------------------------------- the update
+    def _adapt(self, x: Tensor, y: Tensor, differentiable: bool):
+        """θ_i after k inner steps, one per sub-batch of (x, y) (lines 5-6)."""
+        batches = [b.to(x.device) for b in sub_batches(x.shape[0], self.config.inner_steps,
+                                                       self.config.inner_batch, self._rng)]
+        losses = []
+
+        def loss_fn(net):
+            b = batches[net.step]
+            loss = F.cross_entropy(net(x[b]), y[b])
+            losses.append(loss.detach())
+            return loss
+
+        adapted = self.inner.adapt(loss_fn, differentiable=differentiable)
+        return adapted, losses
+
+    def _meta_side(self, episodes) -> Dict[str, Tensor]:
+        """Leave the gradient of line 7 (MAML) or line 8 (Reptile) in ``.grad`` and step."""
+        n = len(episodes)
+        losses, accs = [], []
+        meta_params = [p for g in self.optimizers["meta"].param_groups for p in g["params"]]
+        if self.variant == "maml":
+            for ep in episodes:
+                adapted, _ = self._adapt(ep.support_x, ep.support_y, differentiable=True)
+                logits = adapted(ep.query_x)
+                loss = F.cross_entropy(logits, ep.query_y)
+                (loss / n).backward()
+                losses.append(loss.detach())
+                accs.append(accuracy(logits.detach(), ep.query_y))
+        else:
+            theta = list(self.net.parameters())
+            total = [torch.zeros_like(p) for p in theta]
+            for ep in episodes:
+                x = torch.cat([ep.support_x, ep.query_x])
+                y = torch.cat([ep.support_y, ep.query_y])
+                adapted, inner_losses = self._adapt(x, y, differentiable=False)
+                for acc_, new, old in zip(total, adapted.params, theta):
+                    acc_.add_(new.detach() - old.detach())
+                losses.append(inner_losses[-1])
+                with torch.no_grad():
+                    accs.append(accuracy(adapted(x), y))
+            # SGD on −mean(θ_i − θ) is θ + α_outer · mean(θ_i − θ) (line 8)
+            index = {id(p): k for k, p in enumerate(theta)}
+            for p in meta_params:
+                p.grad = -(total[index[id(p)]] / n)
+        self.outer_step("meta")
+        return {"meta_loss": torch.stack(losses).mean(), "meta_acc": torch.stack(accs).mean()}
+
+    def _transfer_side(self, episodes) -> Dict[str, Tensor]:
+        """Line 9: one step of the C-way loss over all instances of the sampled tasks."""
+        x = torch.cat([torch.cat([ep.support_x, ep.query_x]) for ep in episodes])
+        y = self._base_targets(episodes)
+        logits = self.net(x, base=True)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        self.outer_step("transfer")
+        return {"transfer_loss": loss.detach(), "transfer_acc": accuracy(logits.detach(), y)}
+
+    def train_step(self, batch) -> Dict[str, Tensor]:
+        """One iteration of Algorithm 1: lines 3-10 on the meta-batch ``batch``."""
+        episodes = check_batch(self, batch, self.config.ways)
+        for ep in episodes:
+            self._check_task(ep)
+        self.train()
+        beta = float(self.config.beta)
+        params = list(self.net.parameters())
+        theta = [p.detach().clone() for p in params]
+        metrics: Dict[str, Tensor] = {}
+
+        def moved(side) -> List[Tensor]:
+            for p in params:
+                p.grad = None
+            metrics.update(side(episodes))
+            out = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, t in zip(params, theta):
+                    p.copy_(t)
+            return out
+
+        theta_meta = moved(self._meta_side) if beta > 0 else theta
+        theta_disc = moved(self._transfer_side) if beta < 1 else theta
+        with torch.no_grad():  # line 10: θ ← β θ_metalearner + (1 − β) θ_discriminator
+            for p, a, b in zip(params, theta_meta, theta_disc):
+                p.copy_(a * beta + b * (1.0 - beta))
+            for p in params:
+                p.grad = None
+        parts = []
+        if beta > 0:
+            parts.append(beta * metrics["meta_loss"])
+        if beta < 1:
+            parts.append((1.0 - beta) * metrics["transfer_loss"])
+        loss = sum(parts[1:], parts[0])
+        self.check_finite(loss, self.steps_done)
+        self.steps_done += 1
+        metrics["loss"] = loss
+        metrics["acc"] = metrics["meta_acc"] if beta > 0 else metrics["transfer_acc"]
+        return metrics
+
+    # ------------------------------------------------------------------------ test
+    def predict(self, episode) -> Tensor:
+        """New zero N-way head, ``eval_steps`` SGD steps on the support set, query logits."""
+        check_episode(self, episode)
+        cfg = self.config
+        head = _zero_linear(self.net.head.in_features, episode.ways, self.net.head.weight)
+        net = _FineTuneNet(self.net.backbone, head)
+        loop = InnerLoop(net, steps=cfg.eval_steps, lr=cfg.eval_lr, bn=cfg.bn, optimizer="sgd")
+        x, y = episode.support_x, episode.support_y
+        n = x.shape[0]
+        batch = None if cfg.eval_batch is None else min(cfg.eval_batch, n)
+        g = torch.Generator().manual_seed(int(cfg.seed))
+        batches = [b.to(x.device) for b in sub_batches(n, cfg.eval_steps, batch, g)] \
+            if batch is not None else None
+
+        def loss_fn(net_):
+            if batches is None:
+                return F.cross_entropy(net_(x), y)
+            b = batches[net_.step]
+            return F.cross_entropy(net_(x[b]), y[b])
+
+        with eval_mode(self):
+            adapted = loop.adapt(loss_fn, differentiable=False)
+            with torch.no_grad():
+                return adapted(episode.query_x)
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        state = super().state_dict(*args, **kwargs)
+        state["rng"] = self._rng.get_state()
+        return state
+
+    def load_state_dict(self, state, strict: bool = True):  # type: ignore[override]
+        super().load_state_dict(state, strict=strict)
+        if "rng" in state:
+            self._rng.set_state(state["rng"])
+
+
+@register_learner("mtl+reptile")
+class MTLReptile(_MTL):
+    """MTL with Reptile as the meta-learner (Algorithm 1, line 8)."""
+
+    description = ("MTL + Reptile: joint Reptile and C-way transfer updates, "
+                   "θ ← β θ_meta + (1−β) θ_transfer; SGD fine-tuning of a new head at test")
+    variant = "reptile"
+    Config = MTLConfig
+
+
+@dataclass
+class MTLMAMLConfig(MTLConfig):
+    """As :class:`MTLConfig`, with MAML's defaults for the meta side (second order, SGD
+    inner steps α_inner = 0.01, Adam meta step 1e-3)."""
+
+    lr: float = 1e-3
+    meta_optimizer: str = "adam"
+    inner_lr: float = 0.01
+    inner_optimizer: str = "sgd"
+
+
+@register_learner("mtl+maml")
+class MTLMAML(_MTL):
+    """MTL with MAML as the meta-learner (Algorithm 1, line 7)."""
+
+    description = ("MTL + MAML: joint MAML and C-way transfer updates, "
+                   "θ ← β θ_meta + (1−β) θ_transfer; SGD fine-tuning of a new head at test")
+    variant = "maml"
+    Config = MTLMAMLConfig
