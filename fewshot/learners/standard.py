@@ -17,15 +17,19 @@ training and MLTP see exactly the same images per iteration, the same network, s
 and augmentation.
 
 This module also holds :class:`SupervisedLearner`, the machinery the two supervised
-learners share: the classifier, the optimiser (Adam or SGD with momentum), the
-multi-step learning-rate schedule (``milestones`` in epochs, divided by ``gamma`` at each),
-batch checks and ``predict_batch``.
+learners share: the classifier, the optimiser (Adam or SGD with momentum), batch checks
+and ``predict_batch``. The paper's step schedules (lr divided by 10 after epochs 50 and 100
+on CIFAR, 30 and 60 on Tiny ImageNet) are the trainer's ``train.lr_milestones`` /
+``train.lr_gamma``: at each epoch start it sets every parameter group's lr to
+r_0 · gamma^(milestones passed), which is MultiStepLR stepped per epoch. Used without
+the trainer, a scheduler placed in ``learner.schedulers["meta"]`` is stepped after every
+optimiser step by :meth:`Learner.outer_step`.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +47,7 @@ class SupervisedConfig(LearnerConfig):
     """Hyper-parameters shared by ``standard`` and the MLTP learners.
 
     Defaults are the paper's CIFAR settings (section IV-A): Adam, lr 1e-3, divided by 10
-    after epochs 50 and 100 (the spec files set them explicitly).
+    after epochs 50 and 100 (the schedule is the trainer's train.lr_milestones).
     """
 
     lr: float = 1e-3  # r in Algorithm 1 (initial learning rate of w and α)
@@ -53,9 +57,6 @@ class SupervisedConfig(LearnerConfig):
     momentum: float = 0.9  # SGD momentum (ignored by Adam)
     nesterov: bool = False
     weight_decay: float = 0.0  # β of eq. 6 with R(w) = ½‖w‖² (never applied to step sizes α)
-    milestones: List[int] = field(default_factory=list)  # epochs after which lr is × gamma
-    gamma: float = 0.1
-    steps_per_epoch: int = 0  # iterations per epoch; 0 = set by the trainer (set_steps_per_epoch)
 
     def validate(self) -> None:
         super().validate()
@@ -66,15 +67,6 @@ class SupervisedConfig(LearnerConfig):
                 f"learner option 'momentum' must lie in [0, 1), got {self.momentum}")
         require(self.weight_decay >= 0.0,
                 f"learner option 'weight_decay' must be >= 0, got {self.weight_decay}")
-        require(0.0 < self.gamma <= 1.0,
-                f"learner option 'gamma' must lie in (0, 1], got {self.gamma}")
-        require(int(self.steps_per_epoch) >= 0,
-                f"learner option 'steps_per_epoch' must be >= 0, got {self.steps_per_epoch}")
-        ms = list(self.milestones)
-        require(all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in ms),
-                f"learner option 'milestones' must be positive whole epochs, got {ms}")
-        require(ms == sorted(set(ms)),
-                f"learner option 'milestones' must be strictly increasing, got {ms}")
 
 
 def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> Dict[int, Tensor]:
@@ -97,9 +89,7 @@ class SupervisedLearner(Learner):
 
     Owns ``self.model`` (a classifier ``(B, C, H, W) -> (B, num_classes)`` logits), one
     optimiser ``self.optimizers["meta"]`` over w (with ``weight_decay``) and any extra
-    parameter group a subclass adds (MLTP's step sizes α, without weight decay), and a
-    :class:`torch.optim.lr_scheduler.MultiStepLR` stepped once per optimiser step with
-    milestones ``epoch × steps_per_epoch``.
+    parameter group a subclass adds (MLTP's step sizes α, without weight decay).
     """
 
     input_kind = "supervised"
@@ -116,7 +106,6 @@ class SupervisedLearner(Learner):
                               f"classes and needs num_classes >= 2, got {num_classes}")
         self.num_classes = int(num_classes)
         self.model = self._build_model()
-        self._steps_per_epoch = int(self.config.steps_per_epoch)
 
     # ------------------------------------------------------------------ set-up
     def _build_model(self) -> nn.Module:
@@ -152,46 +141,6 @@ class SupervisedLearner(Learner):
         else:
             opt = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov)
         self.optimizers["meta"] = opt
-        self._make_scheduler()
-
-    def _make_scheduler(self) -> None:
-        c = self.config
-        opt = self.optimizers["meta"]
-        if not c.milestones:
-            self.schedulers["meta"] = None
-            return
-        n = self._steps_per_epoch
-        # without an epoch length yet, the milestones cannot be placed: build the
-        # scheduler when the trainer calls set_steps_per_epoch (checked in train_step)
-        if n <= 0:
-            self.schedulers["meta"] = None
-            return
-        for g in opt.param_groups:
-            g.setdefault("initial_lr", g["lr"])
-        sched = torch.optim.lr_scheduler.MultiStepLR(
-            opt, milestones=[m * n for m in c.milestones], gamma=c.gamma)
-        if self.steps_done > 0:  # resuming: put the lr where the schedule has it now
-            sched.last_epoch = self.steps_done
-            k = sum(1 for m in c.milestones if m * n <= self.steps_done)
-            for g in opt.param_groups:
-                g["lr"] = g["initial_lr"] * c.gamma ** k
-        self.schedulers["meta"] = sched
-
-    def set_steps_per_epoch(self, n: int) -> None:
-        """Tell the learner how many optimiser steps make an epoch (places the milestones).
-
-        The trainer calls this with the adapter's number of minibatches per epoch before
-        the first step; a spec may also fix it as the option ``steps_per_epoch``.
-        """
-        n = int(n)
-        if n < 1:
-            raise ConfigError(f"steps per epoch must be >= 1, got {n}")
-        if self.config.steps_per_epoch and n != self.config.steps_per_epoch:
-            raise ConfigError(f"learner option 'steps_per_epoch' is {self.config.steps_per_epoch} "
-                              f"but the data gives {n} minibatches per epoch; remove the "
-                              f"option or fix it")
-        self._steps_per_epoch = n
-        self._make_scheduler()
 
     def current_lr(self) -> float:
         """The learning rate r of w at this step."""
@@ -226,10 +175,6 @@ class SupervisedLearner(Learner):
             raise ConfigError(f"task_i has {x_i.shape[0]} images and task_j {x_j.shape[0]}: a "
                               f"minibatch is split into two equal halves (MLTP paper sec. IV); "
                               f"use an even batch_size")
-        if self.config.milestones and self.schedulers.get("meta") is None:
-            raise ConfigError(f"learner '{self.name}': option 'milestones' is in epochs but the "
-                              f"epoch length is unknown; set option 'steps_per_epoch' or call "
-                              f"set_steps_per_epoch() before training")
         dev = self.device
         return x_i.to(dev), y_i.to(dev), x_j.to(dev), y_j.to(dev)
 
