@@ -62,8 +62,9 @@ from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
 from fewshot.learners.protonet import check_episode, prototypes, squared_euclidean_logits
 from fewshot.learners.registry import register_learner
 
-__all__ = ["L2GConfig", "L2GProtoNet", "L2GRelationNet", "MAMLProtoNet", "MAMLRelationNet",
-           "ProtoNetScorer", "check_disjoint_pairs"]
+__all__ = ["L2GConfig", "L2GRelationConfig", "L2GProtoNet", "L2GRelationNet", "MAMLProtoNet",
+           "MAMLRelationNet", "ProtoNetScorer", "RelationNetScorer", "build_relation_scorer",
+           "check_disjoint_pairs"]
 
 
 # ------------------------------------------------------------------------------- base models
@@ -88,6 +89,54 @@ class ProtoNetScorer(nn.Module):
     @staticmethod
     def loss(scores: Tensor, query_y: Tensor, ways: int) -> Tensor:
         return F.cross_entropy(scores, query_y)
+
+
+class RelationNetScorer(nn.Module):
+    """RelationNet as one module: ``forward(support_x, support_y, query_x, ways)`` -> (Q, N).
+
+    Feature maps f_θ(x) of shape (C, h, w); the prototype of class c is the *sum* of its
+    support maps (L2G eq. 9); the relation module scores every (prototype, query) pair,
+    s_{c,m} = d(concat(ρ_c, f_θ(x̃_m))) ∈ (0, 1) (eq. 10); the loss is the MSE between the
+    scores and the one-hot match indicator (eq. 11, averaged over pairs as Sung et al.'s code).
+    """
+
+    def __init__(self, encoder: nn.Module, relation: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.relation = relation
+
+    def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, ways: int) -> Tensor:
+        s = support_x.shape[0]
+        z = self.encoder(torch.cat([support_x, query_x], 0))  # (S + Q, C, h, w)
+        onehot = F.one_hot(support_y, ways).to(z.dtype)        # (S, N)
+        protos = (onehot.t() @ z[:s].flatten(1)).view(ways, *z.shape[1:])
+        return self.relation.pairwise(protos, z[s:])
+
+    @staticmethod
+    def loss(scores: Tensor, query_y: Tensor, ways: int) -> Tensor:
+        return F.mse_loss(scores, F.one_hot(query_y, ways).to(scores.dtype))
+
+
+def build_relation_scorer(learner: Learner) -> RelationNetScorer:
+    """Conv-4 without its last two max-pools (L2G "Implementation Details") + relation module.
+
+    ``backbone_options`` may override the embedding (e.g. Sung et al.'s padding [0, 0, 1, 1]);
+    a user-supplied backbone must return feature maps (``flatten=False``, ``out_shape``).
+    """
+    from fewshot.nn import RelationModule
+
+    if learner._given_backbone is not None:
+        encoder = learner._given_backbone
+    else:
+        options = {"pool_blocks": 2} if learner.config.backbone == "conv4" else {}
+        options.update(learner.config.backbone_options)
+        options["flatten"] = False
+        from fewshot.nn import build_backbone
+
+        encoder = build_backbone(learner.config.backbone, in_channels=learner.in_channels,
+                                 image_size=learner.image_size, **options)
+    relation = RelationModule.for_backbone(encoder, hidden=learner.config.relation_hidden)
+    return RelationNetScorer(encoder, relation)
 
 
 def check_disjoint_pairs(pairs: Sequence[Tuple[object, object]]) -> None:
@@ -248,6 +297,21 @@ class _BilevelMetric(Learner):
             return self.scorer(episode.support_x, episode.support_y, episode.query_x, episode.ways)
 
 
+@dataclass
+class L2GRelationConfig(L2GConfig):
+    """As :class:`L2GConfig` with RelationNet's schedule (halve every 100,000 steps) and
+    ``relation_hidden``, the width of the relation module's first fc layer (8, Sung et al.)."""
+
+    lr_halve_every: int = 100000
+    relation_hidden: int = 8
+
+    def validate(self) -> None:
+        super().validate()
+        require(isinstance(self.relation_hidden, int) and self.relation_hidden >= 1,
+                f"learner option 'relation_hidden' must be an integer >= 1, "
+                f"got {self.relation_hidden!r}")
+
+
 _L2G_PAPER = ("Lee, Na, Lee & Hwang, 'Learning to Generalize to Unseen Tasks with Bilevel "
               "Optimization', arXiv:1908.01457, 2019")
 
@@ -273,3 +337,28 @@ class MAMLProtoNet(_BilevelMetric):
     input_kind = "episodes"
     same_task = True
     Config = L2GConfig
+
+
+@register_learner("l2g+relationnet")
+class L2GRelationNet(_BilevelMetric):
+    """L2G + Relation Networks: θ (embedding and relation module) adapted on T_i, meta-loss on T_j."""
+
+    description = ("L2G + RelationNet: inner step on task T_i, relation-score MSE on a "
+                   "class-disjoint task T_j at the adapted weights; no fine-tuning at test")
+    paper = _L2G_PAPER
+    input_kind = "pairs"
+    base_learner = "relationnet"
+    Config = L2GRelationConfig
+
+
+@register_learner("maml+relationnet")
+class MAMLRelationNet(_BilevelMetric):
+    """MAML + Relation Networks: L2G's bilevel scheme with T_j = T_i (baseline 6)."""
+
+    description = ("MAML + RelationNet: inner step on a task, relation-score MSE on the same "
+                   "task at the adapted weights (L2G paper's baseline); no fine-tuning at test")
+    paper = _L2G_PAPER
+    input_kind = "episodes"
+    same_task = True
+    base_learner = "relationnet"
+    Config = L2GRelationConfig
