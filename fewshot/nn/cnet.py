@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from fewshot.errors import ConfigError
-from fewshot.nn.registry import check_input, image_hw, register_classifier
+from fewshot.nn.registry import boolean, check_input, image_hw, register_classifier
 
 __all__ = ["PaperNet", "ARCHITECTURES"]
 
@@ -62,6 +62,7 @@ class PaperNet(nn.Module):
         where = f"classifier '{name}'"
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ConfigError(f"{where}: option 'dropout' must be a probability in [0, 1), got {dropout!r}.")
+        batch_norm = boolean(batch_norm, "batch_norm", where)
         convs, fcs = ARCHITECTURES[variant]
         h, w = image_hw(image_size, where)
         self.name = name

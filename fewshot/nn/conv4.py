@@ -24,6 +24,7 @@ from fewshot.errors import ConfigError
 from fewshot.nn.registry import (
     FeatureExtractor,
     as_tuple,
+    boolean,
     conv_output,
     image_hw,
     positive_int,
@@ -73,7 +74,9 @@ class Conv4(FeatureExtractor):
             raise ConfigError(f"{where}: option 'pool_blocks' must be an int in 0..{depth}, got {pool_blocks!r}.")
         h, w = image_hw(image_size, where)
         self.in_shape = (int(in_channels), h, w)
-        self.flatten = bool(flatten)
+        self.flatten = boolean(flatten, "flatten", where)
+        if isinstance(bn_momentum, bool) or not isinstance(bn_momentum, (int, float)) or not 0 < bn_momentum <= 1:
+            raise ConfigError(f"{where}: option 'bn_momentum' must be in (0, 1], got {bn_momentum!r}.")
 
         blocks = []
         channels = in_channels

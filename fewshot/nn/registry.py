@@ -39,6 +39,8 @@ __all__ = [
     "layer_kind",
     "image_hw",
     "check_input",
+    "boolean",
+    "positive_int",
 ]
 
 _BACKBONES: dict[str, Callable[..., "FeatureExtractor"]] = {}
@@ -95,6 +97,13 @@ def positive_int(value, option: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where}: option '{option}' must be a positive integer, got {value!r}.")
     return int(value)
+
+
+def boolean(value, option: str, where: str) -> bool:
+    """``value`` if it is a bool, else a ConfigError naming ``option`` (no truthy strings)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: option '{option}' must be true or false, got {value!r}.")
+    return value
 
 
 def check_input(x: torch.Tensor, expected: tuple[int, ...], where: str) -> None:

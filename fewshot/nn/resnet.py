@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from fewshot.nn.registry import FeatureExtractor, conv_output, image_hw, register_backbone
+from fewshot.nn.registry import FeatureExtractor, boolean, conv_output, image_hw, register_backbone
 
 __all__ = ["TorchvisionResNet"]
 
@@ -39,6 +39,9 @@ class TorchvisionResNet(FeatureExtractor):
         self.name = f"resnet{depth}"
         where = f"backbone '{self.name}'"
         h, w = image_hw(image_size, where)
+        drop_maxpool = boolean(drop_maxpool, "drop_maxpool", where)
+        flatten = boolean(flatten, "flatten", where)
+        zero_init_residual = boolean(zero_init_residual, "zero_init_residual", where)
         self.in_shape = (int(in_channels), h, w)
         net = _DEPTHS[depth](weights=None, zero_init_residual=zero_init_residual)
         if in_channels != 3:
@@ -47,8 +50,8 @@ class TorchvisionResNet(FeatureExtractor):
         self.conv1, self.bn1, self.relu = net.conv1, net.bn1, net.relu
         self.maxpool = nn.Identity() if drop_maxpool else net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        self.drop_maxpool = bool(drop_maxpool)
-        self.flatten = bool(flatten)
+        self.drop_maxpool = drop_maxpool
+        self.flatten = flatten
 
         def size(n: int) -> int:
             n = conv_output(n, 7, 2, 3)  # conv1

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fewshot.errors import ConfigError
-from fewshot.nn.registry import FeatureExtractor, image_hw, positive_int, register_backbone
+from fewshot.nn.registry import FeatureExtractor, boolean, image_hw, positive_int, register_backbone
 
 __all__ = ["ResBlock12", "ResNet12"]
 
@@ -74,7 +74,7 @@ class ResNet12(FeatureExtractor):
             c = out
         self.blocks = nn.Sequential(*blocks)
         self.pool_mode = pool
-        self.flatten = bool(flatten)
+        self.flatten = boolean(flatten, "flatten", where)
         self.out_shape = (c, h, w)
         self.out_features = c if pool == "avg" else c * h * w
         for m in self.modules():

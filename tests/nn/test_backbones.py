@@ -376,6 +376,10 @@ def test_unknown_names_and_bad_sizes():
         build_backbone("conv4", in_channels=3, image_size=(32,))
     with pytest.raises(ConfigError, match="in_channels"):
         build_backbone("conv4", in_channels=0, image_size=32)
+    with pytest.raises(ConfigError, match="'drop_maxpool' must be true or false"):
+        build_backbone("resnet18", in_channels=3, image_size=64, drop_maxpool="yes")
+    with pytest.raises(ConfigError, match="Did you mean 'drop_maxpool'"):
+        build_backbone("resnet34", in_channels=3, image_size=64, drop_max_pool=True)
     assert set(list_backbones()) >= {"conv4", "resnet12", "resnet18", "resnet34"}
     assert set(list_classifiers()) >= {f"{p}{i}" for p in ("cnet", "ccnet") for i in range(1, 5)}
 
@@ -391,3 +395,22 @@ def test_functional_call_with_higher_matches_module():
     torch.testing.assert_close(fnet(x, params=params), net(x) + 1.0)
     with pytest.raises(ConfigError, match="expected input"):
         fnet(torch.randn(4, 3, 28, 28))
+
+
+@pytest.mark.peers
+def test_conv4_matches_learn2learn_cnn4():
+    # learn2learn's CNN4 (MAML's 4-conv net): same layers, so with the same weights the same logits
+    l2l_models = pytest.importorskip("learn2learn.vision.models")
+    ours = build_classifier("conv4", in_channels=3, image_size=84, num_classes=5)
+    peer = l2l_models.CNN4(output_size=5, hidden_size=64, layers=4, channels=3)
+    assert count_parameters(ours) == count_parameters(peer) == 113_088 + 1600 * 5 + 5
+    for kind in (nn.Conv2d, nn.BatchNorm2d, nn.Linear):
+        mine = [m for m in ours.modules() if isinstance(m, kind)]
+        theirs = [m for m in peer.modules() if isinstance(m, kind)]
+        assert len(mine) == len(theirs)
+        for a, b in zip(mine, theirs):
+            b.load_state_dict(a.state_dict())
+    x = torch.randn(6, 3, 84, 84)
+    torch.testing.assert_close(ours(x), peer(x))  # training mode: batch statistics
+    ours.eval(), peer.eval()
+    torch.testing.assert_close(ours(x), peer(x))  # eval: the running statistics both just updated
