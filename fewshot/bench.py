@@ -184,7 +184,8 @@ class BenchResult:
             for c in cells:
                 st = row.get(c)
                 if st is None:
-                    vals.append("—")
+                    vals.append("n/a" if f"{c[0]}x{c[1]}" in self.notes.get(label, {}).get("skipped", {})
+                                else "—")
                     continue
                 v = f"{st['mean'] * 100:.2f} ± {st['ci95'] * 100:.2f}"
                 if st.get("seed_std") is not None:
@@ -206,8 +207,10 @@ class BenchResult:
                 flags.append("fine-tunes on the support set")
             if note.get("transductive_bn"):
                 flags.append("transductive BatchNorm")
+            for cell, reason in note.get("skipped", {}).items():
+                flags.append(f"{cell.replace('x', '-way ')}-shot n/a ({reason})")
             if flags:
-                lines.append(f"- {label}: {', '.join(flags)}.")
+                lines.append(f"- {label}: {'; '.join(flags)}.")
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> Dict[str, Any]:
@@ -259,7 +262,8 @@ def _reusable(run_dir: Path, cfg) -> str:
 def _same_grid(grid, cfg) -> bool:
     e = cfg.eval
     want = {(w, s) for w in e.ways for s in e.shots}
-    have = {c.key for c in grid.cells}
+    have = {c.key for c in grid.cells} | {tuple(int(x) for x in k.split("x"))
+                                          for k in grid.extra.get("skipped", {})}
     return (want <= have and grid.split == cfg.eval_split() and
             all(c.seed == e.seed and c.queries == e.queries and c.episodes == e.episodes
                 for c in grid.cells if c.key in want))
@@ -348,9 +352,11 @@ def _aggregate(spec, out_dir, grids, seconds, runs) -> BenchResult:
     cells = []
     for gl in grids.values():
         for g in gl:
-            for c in g.cells:
-                if c.key not in cells:
-                    cells.append(c.key)
+            keys = [c.key for c in g.cells] + [tuple(int(x) for x in k.split("x"))
+                                               for k in g.extra.get("skipped", {})]
+            for key in keys:
+                if key not in cells:
+                    cells.append(key)
     cells.sort()
     table: Dict[str, Dict[Tuple[int, int], Dict[str, Any]]] = {}
     per_episode: Dict[str, Dict[Tuple[int, int], np.ndarray]] = {}
@@ -358,7 +364,8 @@ def _aggregate(spec, out_dir, grids, seconds, runs) -> BenchResult:
     for label, gl in grids.items():
         row, pe = {}, {}
         notes[label] = {"fine_tunes": any(g.fine_tunes for g in gl),
-                        "transductive_bn": any(g.transductive_bn for g in gl)}
+                        "transductive_bn": any(g.transductive_bn for g in gl),
+                        "skipped": {k: v for g in gl for k, v in g.extra.get("skipped", {}).items()}}
         for key in cells:
             cs = []
             for g in gl:

@@ -385,11 +385,39 @@ def config_from_dict(raw: Mapping[str, Any], where: str = "", check_learner: boo
         lraw = dict(lraw["options"])  # an explicit [learner.options] table
     out.learner = LearnerSection(name=name, options=lraw)
     if check_learner:
+        _link_learner_task(out, raw.get("train", {}), lraw, where)
         cfg = learner_options(name, lraw, where)
         # store the resolved, fully defaulted options so the saved config is complete
         out.learner.options = _plain(asdict(cfg))
     _validate(out, where)
     return out
+
+
+def _link_learner_task(out: RunConfig, train_raw: Mapping[str, Any], lraw: Dict[str, Any],
+                       where: str) -> None:
+    """Keep the learner's own ``ways`` / ``meta_batch`` options (e.g. MAML's N-way head) and
+    [train] consistent: a value given on one side only is copied to the other; two
+    different explicit values are an error."""
+    from fewshot.learners import get_learner
+
+    names = {f.name for f in fields(get_learner(out.learner.name).Config)}
+    src = f" ({where})" if where else ""
+    for key in ("ways", "meta_batch"):
+        if key not in names:
+            continue
+        in_train = key in train_raw
+        if key in lraw and in_train and lraw[key] != getattr(out.train, key):
+            raise ConfigError(f"learner.{key} = {lraw[key]!r} but train.{key} = "
+                              f"{getattr(out.train, key)!r}{src}; give it once, in [train]")
+        if key in lraw and not in_train:
+            setattr(out.train, key, check_type(f"learner.{key}", lraw[key], int, where))
+        elif key not in lraw:
+            value = getattr(out.train, key)
+            if key == "ways" and isinstance(value, list):
+                raise ConfigError(f"learner '{out.learner.name}' has a fixed N-way head "
+                                  f"(learner.ways) and cannot train on any-way episodes "
+                                  f"(train.ways = {value}){src}; give one integer")
+            lraw[key] = value
 
 
 def _plain(x):

@@ -135,6 +135,21 @@ def bn_probe():
         F.batch_norm = original
 
 
+def unsupported_reason(learner, ways: int) -> Optional[str]:
+    """Why ``learner`` cannot classify ``ways``-way episodes, or None when it can.
+
+    A learner may define ``supports_ways(ways) -> bool``; otherwise a learner whose config
+    has an integer ``ways`` (a fixed N-way head, e.g. MAML) supports only that N.
+    """
+    fn = getattr(learner, "supports_ways", None)
+    if callable(fn):
+        return None if fn(ways) else f"{getattr(learner, 'name', '?')} cannot run {ways}-way episodes"
+    fixed = getattr(getattr(learner, "config", None), "ways", None)
+    if isinstance(fixed, int) and not isinstance(fixed, bool) and fixed != ways:
+        return f"{fixed}-way head (trained for N={fixed}); train with train.ways={ways} for this cell"
+    return None
+
+
 def _predict(learner, episode) -> torch.Tensor:
     logits = learner.predict(episode)
     if logits.dim() != 2 or logits.shape != (episode.query_y.numel(), episode.ways):
@@ -193,9 +208,15 @@ def evaluate_grid(learner, store, *, ways: Sequence[int], shots: Sequence[int], 
 
         bar = tqdm(total=len(cells) * len(shard_indices(episodes, rank, world)), unit="ep",
                    desc="eval", dynamic_ncols=True, leave=False)
-    results, transductive = [], False
+    results, transductive, skipped = [], False, {}
     try:
         for w, s in cells:
+            reason = unsupported_reason(learner, w)
+            if reason is not None:
+                skipped[f"{w}x{s}"] = reason
+                if bar is not None:
+                    bar.update(len(shard_indices(episodes, rank, world)))
+                continue
             t0 = time.perf_counter()
             eps = fixed_episodes(store, w, s, queries, episodes, seed)
             local, trans = evaluate_episodes(learner, eps, shard_indices(episodes, rank, world),
@@ -214,4 +235,5 @@ def evaluate_grid(learner, store, *, ways: Sequence[int], shots: Sequence[int], 
                       dataset=dataset or getattr(store, "dataset", ""),
                       split=split or getattr(store, "split", ""), cells=results,
                       checkpoint=checkpoint, step=step, transductive_bn=transductive,
-                      fine_tunes=bool(getattr(learner, "fine_tunes_at_test", False)))
+                      fine_tunes=bool(getattr(learner, "fine_tunes_at_test", False)),
+                      extra={"skipped": skipped} if skipped else {})

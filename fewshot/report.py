@@ -155,7 +155,7 @@ def markdown_table(grid: GridResult, title: Optional[str] = None) -> str:
                 c = grid.cell(w, s)
                 row.append(_fmt(c.mean, c.ci95))
             except KeyError:
-                row.append("—")
+                row.append("n/a" if f"{w}x{s}" in grid.extra.get("skipped", {}) else "—")
         lines.append("| " + " | ".join(row) + " |")
     n = sorted({c.episodes for c in grid.cells})
     notes = [f"accuracy % ± 95% CI (1.96·sample std/√n) over {', '.join(map(str, n))} fixed "
@@ -166,6 +166,8 @@ def markdown_table(grid: GridResult, title: Optional[str] = None) -> str:
     notes.append("fine-tunes on the support set" if grid.fine_tunes else "no test-time fine-tuning")
     if grid.checkpoint:
         notes.append(f"weights: {grid.checkpoint}")
+    for cell, reason in grid.extra.get("skipped", {}).items():
+        notes.append(f"{cell.replace('x', '-way ')}-shot n/a: {reason}")
     lines += ["", "; ".join(notes) + "."]
     return "\n".join(lines) + "\n"
 
