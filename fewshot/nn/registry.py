@@ -122,7 +122,8 @@ class FeatureExtractor(nn.Module):
 
     Attributes: ``name``; ``in_shape`` = (C, H, W) accepted; ``out_shape`` = (C', h, w) of the
     feature maps; ``flatten``; ``out_features`` = size of the flattened output (``C'·h·w``, or
-    ``C'`` for globally pooled backbones). Subclasses implement ``forward_maps(x)`` and set these.
+    ``C'`` for globally pooled backbones). Subclasses implement ``forward_maps(x)`` (and
+    ``pool_features(maps)`` when they pool instead of flattening) and set these attributes.
     """
 
     name: str = "backbone"
@@ -131,14 +132,14 @@ class FeatureExtractor(nn.Module):
     out_features: int
     flatten: bool = True
 
-    def pool(self, maps: torch.Tensor) -> torch.Tensor:
+    def pool_features(self, maps: torch.Tensor) -> torch.Tensor:
         """Feature maps -> flat features (default: flatten ``C'·h·w``)."""
         return maps.flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_shape, f"backbone '{self.name}'")
         maps = self.forward_maps(x)
-        return self.pool(maps) if self.flatten else maps
+        return self.pool_features(maps) if self.flatten else maps
 
     def init_head(self, head: nn.Linear) -> None:
         """Initialise a linear classifier put on top of these features (default: PyTorch's)."""

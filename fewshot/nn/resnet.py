@@ -68,7 +68,7 @@ class TorchvisionResNet(FeatureExtractor):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
-    def pool(self, maps: torch.Tensor) -> torch.Tensor:
+    def pool_features(self, maps: torch.Tensor) -> torch.Tensor:
         return maps.mean(dim=(2, 3))
 
     def init_head(self, head: nn.Linear) -> None:

@@ -86,7 +86,7 @@ class ResNet12(FeatureExtractor):
     def forward_maps(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
 
-    def pool(self, maps: torch.Tensor) -> torch.Tensor:
+    def pool_features(self, maps: torch.Tensor) -> torch.Tensor:
         return maps.mean(dim=(2, 3)) if self.pool_mode == "avg" else maps.flatten(1)
 
 
