@@ -71,11 +71,14 @@ class Conv4(FeatureExtractor):
             if isinstance(p, bool) or not isinstance(p, int) or p < 0:
                 raise ConfigError(f"{where}: option 'padding' must be integers >= 0, got {padding!r}.")
         if isinstance(pool_blocks, bool) or not isinstance(pool_blocks, int) or not 0 <= pool_blocks <= depth:
-            raise ConfigError(f"{where}: option 'pool_blocks' must be an int in 0..{depth}, got {pool_blocks!r}.")
+            raise ConfigError(
+                f"{where}: option 'pool_blocks' must be an int in 0..{depth}, got {pool_blocks!r}."
+            )
         h, w = image_hw(image_size, where)
         self.in_shape = (int(in_channels), h, w)
         self.flatten = boolean(flatten, "flatten", where)
-        if isinstance(bn_momentum, bool) or not isinstance(bn_momentum, (int, float)) or not 0 < bn_momentum <= 1:
+        momentum_ok = isinstance(bn_momentum, (int, float)) and not isinstance(bn_momentum, bool)
+        if not momentum_ok or not 0 < bn_momentum <= 1:
             raise ConfigError(f"{where}: option 'bn_momentum' must be in (0, 1], got {bn_momentum!r}.")
 
         blocks = []

@@ -56,7 +56,9 @@ class ResNet12(FeatureExtractor):
         where = f"backbone '{name}'"
         self.name = name
         if isinstance(channels, (str, bytes)) or not hasattr(channels, "__len__") or len(channels) == 0:
-            raise ConfigError(f"{where}: option 'channels' must be a list of positive ints, got {channels!r}.")
+            raise ConfigError(
+                f"{where}: option 'channels' must be a list of positive ints, got {channels!r}."
+            )
         channels = [positive_int(c, "channels", where) for c in channels]
         if pool not in ("avg", "flatten"):
             raise ConfigError(f"{where}: option 'pool' must be 'avg' or 'flatten', got {pool!r}.")
@@ -68,7 +70,8 @@ class ResNet12(FeatureExtractor):
             if h < 1 or w < 1:
                 raise ConfigError(
                     f"{where}: image_size {image_size!r} is too small: the feature map vanishes after "
-                    f"block {i + 1} (each block halves it); use images of at least {2 ** len(channels)} pixels."
+                    f"block {i + 1} (each block halves it); use images of at least "
+                    f"{2 ** len(channels)} pixels."
                 )
             blocks.append(ResBlock12(c, out, negative_slope))
             c = out
