@@ -52,24 +52,92 @@ def tiny_net():
     return TinyNet
 
 
-@pytest.fixture(scope="session")
-def glyph_sampler_factory(tmp_path_factory):
-    """``factory(split, ways, shots, queries, seed)`` -> EpisodeSampler over glyphs."""
-    try:
-        from fewshot.data.episodes import EpisodeSampler
+class GlyphEpisodes:
+    """N-way K-shot episodes drawn from generated glyphs (classes split into train/test).
+
+    Built here from :func:`fewshot.data.sources.glyphs.generate_glyphs` so the learner tests
+    depend on the data generator only, not on the samplers: images /255, normalised by the
+    mean/std of the train classes, labels 0..N-1 in a random class order, ``base_*_y`` the
+    class ids within the split.
+    """
+
+    def __init__(self, num_train=100, num_test=50, per_class=20, seed=0):
         from fewshot.data.sources.glyphs import generate_glyphs
-        from fewshot.data.store import ImageStore
+
+        images, labels = generate_glyphs(num_train + num_test, per_class, seed=seed)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        y = torch.from_numpy(labels)
+        train = y < num_train
+        mean, std = x[train].mean(), x[train].std()
+        x = (x - mean) / std
+        self.per_class = per_class
+        self.splits = {"train": (x[train], y[train]), "test": (x[~train], y[~train] - num_train)}
+        self.num_classes = {"train": num_train, "test": num_test}
+
+    def sampler(self, split="train", ways=5, shots=1, queries=5, seed=0):
+        x, y = self.splits[split]
+        g = torch.Generator().manual_seed(seed)
+        k = self.per_class
+
+        def sample() -> Episode:
+            classes = torch.randperm(self.num_classes[split], generator=g)[:ways]
+            sx, sy, qx, qy = [], [], [], []
+            for label, c in enumerate(classes.tolist()):
+                rows = c * k + torch.randperm(k, generator=g)[:shots + queries]
+                sx.append(x[rows[:shots]]), qx.append(x[rows[shots:]])
+                sy += [label] * shots
+                qy += [label] * queries
+            sy, qy = torch.tensor(sy), torch.tensor(qy)
+            return Episode(torch.cat(sx), sy, torch.cat(qx), qy, classes,
+                           base_support_y=classes[sy], base_query_y=classes[qy])
+
+        return sample
+
+
+@pytest.fixture(scope="session")
+def glyphs():
+    """Generated glyphs (100 train classes, 50 test classes, 20 drawings each; ~1.5 s)."""
+    try:
+        return GlyphEpisodes()
     except ImportError as e:
-        pytest.skip(f"glyphs data or EpisodeSampler not available yet: {e}")
-    root = tmp_path_factory.mktemp("glyphs")
-    stores = {}
+        pytest.skip(f"glyphs generator not available: {e}")
 
-    def factory(split="train", ways=5, shots=1, queries=5, seed=0):
-        if not stores:
-            paths = generate_glyphs(root)
-            for p in (paths if isinstance(paths, (list, tuple)) else [paths]):
-                s = ImageStore.open(p, in_memory=True)
-                stores[s.split] = s
-        return EpisodeSampler(stores[split], ways, shots, queries, seed=seed)
 
-    return factory
+def fit_and_score(learner, glyph_data, *, steps, meta_batch=1, test_episodes=30, ways=5,
+                  shots=1, queries=5):
+    """Accuracy on fixed test-class episodes before and after ``steps`` training steps.
+
+    Returns ``(before, after)``: mean query accuracy of ``learner.predict`` over
+    ``test_episodes`` episodes of the test classes (never seen in training).
+    """
+    torch.manual_seed(0)
+    train = glyph_data.sampler("train", ways, shots, queries, seed=0)
+    test = glyph_data.sampler("test", ways, shots, queries, seed=1)
+    test_eps = [test() for _ in range(test_episodes)]
+
+    def acc():
+        learner.eval()
+        a = sum(float((learner.predict(e).argmax(1) == e.query_y).float().mean()) for e in test_eps)
+        learner.train()
+        return a / len(test_eps)
+
+    before = acc()
+    for _ in range(steps):
+        learner.train_step([train() for _ in range(meta_batch)])
+    return before, acc()
+
+
+@pytest.fixture
+def learn_glyphs(glyphs):
+    """``learn_glyphs(learner, steps=, meta_batch=)`` -> (accuracy before, after); see
+    :func:`fit_and_score`.
+
+    Runs with one intra-op thread: on a loaded 2-core machine, OpenMP threads contending
+    with other processes made these small convolutions up to 20x slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield lambda learner, **kw: fit_and_score(learner, glyphs, **kw)
+    finally:
+        torch.set_num_threads(threads)

@@ -162,20 +162,12 @@ def test_errors(tiny_net, make_episode):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["maml", "fomaml"])
-def test_learns_glyphs(glyph_sampler_factory, name):
+@pytest.mark.parametrize("name,floor,gain", [("maml", 0.68, 0.15), ("fomaml", 0.62, 0.1)])
+def test_learns_glyphs(learn_glyphs, name, floor, gain):
     torch.manual_seed(0)
-    train = glyph_sampler_factory("train", 5, 1, 5, seed=0)
-    test = glyph_sampler_factory("test", 5, 1, 5, seed=1)
     cls = get_learner(name)
     learner = cls(cls.Config(lr=3e-3, inner_lr=0.4, inner_steps=1, eval_steps=3,
                              backbone_options={"hidden": 16}), in_channels=1, image_size=28)
-    test_eps = [test.sample() for _ in range(30)]
-
-    def acc():
-        return sum(float((learner.predict(e).argmax(1) == e.query_y).float().mean())
-                   for e in test_eps) / len(test_eps)
-
-    for _ in range(100):
-        learner.train_step([train.sample() for _ in range(2)])
-    assert acc() > 0.5  # 5-way chance is 0.2
+    before, after = learn_glyphs(learner, steps=80, meta_batch=2)
+    # 5-way 1-shot: chance 0.2; fine-tuning an untrained net already gives ~0.5 on glyphs
+    assert after > floor and after - before > gain, (before, after)

@@ -57,22 +57,13 @@ def test_train_step_loss_is_cross_entropy_of_definition(tiny_net, make_episode):
 
 
 @pytest.mark.slow
-def test_learns_glyphs(glyph_sampler_factory):
+def test_learns_glyphs(learn_glyphs):
     torch.manual_seed(0)
-    train = glyph_sampler_factory("train", 5, 1, 5, seed=0)
-    test = glyph_sampler_factory("test", 5, 1, 5, seed=1)
     cls = get_learner("protonet")
-    learner = cls(cls.Config(backbone_options={"hidden": 32}), in_channels=1, image_size=28)
-    test_eps = [test.sample() for _ in range(40)]
-
-    def acc():
-        learner.eval()
-        return sum(float((learner.predict(e).argmax(1) == e.query_y).float().mean())
-                   for e in test_eps) / len(test_eps)
-
-    for _ in range(150):
-        learner.train_step([train.sample()])
-    assert acc() > 0.6  # 5-way 1-shot chance is 0.2
+    learner = cls(cls.Config(backbone_options={"hidden": 16}), in_channels=1, image_size=28)
+    before, after = learn_glyphs(learner, steps=80)
+    # 5-way 1-shot: chance 0.2; an untrained embedding already gives ~0.5 on glyphs
+    assert after > 0.72 and after - before > 0.15, (before, after)
 
 
 def test_errors(tiny_net, make_episode):
