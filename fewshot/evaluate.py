@@ -95,12 +95,7 @@ def gather_accuracies(local: Sequence[float], n: int, rank: int = 0, world: int 
     if world == 1:
         return [float(a) for a in local]
     if all_gather is None:
-        import torch.distributed as dist
-
-        def all_gather(obj):
-            out = [None] * world
-            dist.all_gather_object(out, obj)
-            return out
+        from fewshot.distributed import all_gather_object as all_gather
     parts = all_gather([float(a) for a in local])
     acc = [float("nan")] * n
     for r, part in enumerate(parts):

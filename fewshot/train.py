@@ -93,8 +93,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 def rank_seed(seed: int, rank: int) -> int:
-    """Seed of rank ``rank``'s episodes: ``seed`` for rank 0, ``seed + 1_000_003·rank`` else."""
-    return int(seed) + 1_000_003 * int(rank)
+    """Seed of rank ``rank``'s episodes (:func:`fewshot.distributed.rank_seed`: ``seed`` itself
+    for rank 0, an independent SeedSequence child stream for the others)."""
+    from fewshot.distributed import rank_seed as _rank_seed
+
+    return _rank_seed(seed, rank)
 
 
 def seed_everything(seed: int) -> None:
@@ -431,13 +434,25 @@ class Trainer:
                           f"trainer knows episodes, pairs and supervised")
 
     def _per_rank_batch(self) -> int:
-        mb = self.config.train.meta_batch
-        if mb % self.world:
-            from fewshot.errors import DistributedError
+        from fewshot.distributed import split_meta_batch
 
-            raise DistributedError(f"train.meta_batch = {mb} is not divisible by the world size "
-                                   f"{self.world}; choose a multiple of {self.world}")
-        return mb // self.world
+        return split_meta_batch(self.config.train.meta_batch, self.world)
+
+    def _save_last(self, step: int, trainer_state: Dict[str, Any]) -> None:
+        """checkpoints/last.pt; with several ranks, every rank's sampler and RNG states are
+        gathered into it (a collective: all ranks call this at the same steps)."""
+        extra = dict(trainer_state)
+        if self.world > 1:
+            from fewshot.distributed import all_gather_object
+
+            mine = {"sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
+                    "rng": ckpt.rng_state()}
+            extra["ranks"] = all_gather_object(mine)
+        if self.is_writer:
+            ckpt.save_checkpoint(self.run_dir / "checkpoints" / "last.pt", step=step,
+                                 config_hash=self.hash, learner=self.learner,
+                                 sampler=self.sampler, trainer=extra)
+            self._write_state()
 
     def _next_batch(self, kind: str):
         if kind == "episodes":
@@ -524,21 +539,21 @@ class Trainer:
                                        expect_hash=self.hash, expect_learner=cfg.learner.name)
             self.learner.load_state_dict(obj["learner"])
             self.learner.to(self.device)
-            if obj.get("sampler") is not None and hasattr(self.sampler, "load_state_dict"):
-                self.sampler.load_state_dict(obj["sampler"])
             tr = obj.get("trainer", {})
-            if tr.get("world", 1) != self.world:
-                from fewshot.errors import DistributedError
+            from fewshot.distributed import check_resume_world_size
 
-                raise DistributedError(f"cannot resume {self.run_dir}: it ran on {tr.get('world', 1)} "
-                                       f"processes, this launch has {self.world}")
+            check_resume_world_size(tr.get("world"), self.world, str(self.run_dir / "checkpoints" / "last.pt"))
+            mine = tr["ranks"][self.rank] if self.world > 1 else {"sampler": obj.get("sampler"),
+                                                                   "rng": obj.get("rng")}
+            if mine.get("sampler") is not None and hasattr(self.sampler, "load_state_dict"):
+                self.sampler.load_state_dict(mine["sampler"])
             step = int(obj["step"])
             best_val, best_step = tr.get("best_val"), tr.get("best_step")
             self.base_lrs = tr.get("base_lrs", {})
             history_last = tr.get("last_metrics", {})
             prior_seconds = float(tr.get("train_seconds", 0.0))
-            if obj.get("rng") is not None:
-                ckpt.set_rng_state(obj["rng"])
+            if mine.get("rng") is not None:
+                ckpt.set_rng_state(mine["rng"])
             if self.is_writer:
                 self._truncate_metrics(metrics_path, step)
         elif self.is_writer:
@@ -594,6 +609,10 @@ class Trainer:
                     if bar is not None:
                         bar.update(per_step_items)
                     if step % t.log_every == 0 or step == total:
+                        if self.world > 1:  # mean over ranks (a collective at fixed steps)
+                            from fewshot.distributed import reduce_metrics
+
+                            sums = reduce_metrics(sums)
                         row = {k: float(v) / count for k, v in sums.items()}
                         if not all(math.isfinite(v) for v in row.values()):
                             raise TrainingError(f"non-finite metrics {_fmt_metrics(row)} in steps "
@@ -632,11 +651,7 @@ class Trainer:
                                      "world": self.world, "train_seconds": secs}
                     due = (t.checkpoint_every and step % t.checkpoint_every == 0) or step == total
                     if sig.received is not None or due:
-                        if self.is_writer:
-                            ckpt.save_checkpoint(self.run_dir / "checkpoints" / "last.pt", step=step,
-                                                 config_hash=self.hash, learner=self.learner,
-                                                 sampler=self.sampler, trainer=trainer_state)
-                            self._write_state()
+                        self._save_last(step, trainer_state)
                     if sig.received is not None:
                         interrupted = sig.received
                         break
