@@ -1,0 +1,215 @@
+"""Reptile (Nichol, Achiam & Schulman, 'On First-Order Meta-Learning Algorithms', 2018).
+
+For each task τ_i of a meta-batch of n tasks, starting from θ, the inner loop
+(:class:`fewshot.inner_loop.InnerLoop`, detached: no graph) takes k steps of SGD or Adam on
+the task's training loss L_{τ_i}, giving θ̃_i = U^k_{τ_i}(θ) (Algorithm 1). The batched
+outer update (Algorithm 2) is
+
+    θ ← θ + ε · (1/n) Σ_i (θ̃_i − θ)
+
+with the outer step size ε annealed linearly from ``meta_step_size`` to
+``meta_step_size_final`` over ``meta_iters`` steps, as Reptile's code does
+(ε_t = (t/T)·ε_final + (1 − t/T)·ε_0, held at ε_final after T).
+
+Implementation: the update is handed to an SGD optimiser with learning rate ε_t as the
+pseudo-gradient g = θ − (1/n) Σ_i θ̃_i (so θ ← θ − ε_t g is exactly the update above), which
+lets :meth:`Learner.outer_step` average g over ranks in distributed training: the mean over
+ranks of each rank's mean over its tasks is the mean over the global meta-batch.
+
+Following Reptile's code (``supervised-reptile``): a task's training examples are all of the
+episode's examples (support and query; its ``--train-shots``), visited in mini-batches of
+``inner_batch`` drawn by cycling through shuffles of the examples; the inner optimiser is Adam
+with β1 = 0 (``lr`` is its step size, the code's ``--learning-rate``). Unlike that code, the
+Adam moments restart for every task (the code keeps them across tasks because it restores
+only the trainable variables; the paper does not discuss it). At test time
+:meth:`Reptile.predict` fine-tunes on the support set for ``eval_steps`` (50) steps with
+the same optimiser and classifies the queries; BatchNorm is transductive by default, as
+the paper's reported results (``--transductive``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fewshot.inner_loop import BN_POLICIES, InnerLoop
+from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
+from fewshot.learners.maml import HeadNet, check_positive_int, eval_mode
+from fewshot.learners.protonet import check_batch, check_episode
+from fewshot.learners.registry import register_learner
+
+__all__ = ["Reptile", "minibatch_indices"]
+
+
+def minibatch_indices(n: int, batch: Optional[int], steps: int, generator: torch.Generator) -> List[Tensor]:
+    """Row indices of the ``steps`` inner mini-batches over ``n`` examples.
+
+    As Reptile's ``_mini_batches``: the examples are shuffled, consumed ``batch`` at a time,
+    and reshuffled when exhausted (a batch may span two shuffles). ``batch=None`` or
+    ``batch >= n`` uses all examples at every step (in their original order).
+    """
+    if batch is None or batch >= n:
+        full = torch.arange(n)
+        return [full] * steps
+    need = steps * batch
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-need // n))])
+    return [order[t * batch:(t + 1) * batch] for t in range(steps)]
+
+
+@register_learner("reptile")
+class Reptile(Learner):
+    """Reptile; see the module docstring for the update and the choices made."""
+
+    description = "Reptile: move the initialisation towards weights fine-tuned on each task (1st order)"
+    paper = ("Nichol, Achiam & Schulman, 'On First-Order Meta-Learning Algorithms', "
+             "arXiv:1803.02999, 2018")
+    input_kind = "episodes"
+    fine_tunes_at_test = True
+
+    @dataclass
+    class Config(LearnerConfig):
+        """Reptile hyper-parameters (defaults: the paper's mini-ImageNet settings, Table 3 /
+        the code's README).
+
+        lr: step size of the inner optimiser (Adam: 1e-3).
+        ways: N, outputs of the head; every episode must be N-way (5).
+        inner_steps: k, inner steps per task in training (8).
+        inner_batch: examples per inner step (10); None = all of the task's examples.
+        inner_optimizer: "adam" (the code's) or "sgd".
+        adam_beta1: Adam's β1 for the inner steps (0, as the code).
+        meta_step_size: ε_0, the outer step size at the start (1.0).
+        meta_step_size_final: ε at the end of the annealing (0.0).
+        meta_iters: T, outer steps over which ε is annealed (100000).
+        eval_steps: fine-tuning steps at test (50).
+        eval_batch: examples per fine-tuning step (None = the whole support set; the code
+            used 5 for 1-shot and 15 for 5-shot 5-way).
+        bn: BatchNorm policy of the inner loop ("transductive", as the paper's results).
+        meta_batch: tasks per outer step the trainer should draw (5).
+        seed: seeds the mini-batch order (together with the step number).
+        """
+
+        lr: float = 1e-3
+        ways: int = 5
+        inner_steps: int = 8
+        inner_batch: Optional[int] = 10
+        inner_optimizer: str = "adam"
+        adam_beta1: float = 0.0
+        meta_step_size: float = 1.0
+        meta_step_size_final: float = 0.0
+        meta_iters: int = 100000
+        eval_steps: int = 50
+        eval_batch: Optional[int] = None
+        bn: str = "transductive"
+        meta_batch: int = 5
+        seed: int = 0
+
+        def validate(self) -> None:
+            super().validate()
+            check_positive_int(self.ways, "ways", 1)
+            check_positive_int(self.inner_steps, "inner_steps", 1)
+            check_positive_int(self.eval_steps, "eval_steps", 0)
+            check_positive_int(self.meta_iters, "meta_iters", 1)
+            check_positive_int(self.meta_batch, "meta_batch", 1)
+            check_positive_int(self.seed, "seed", 0)
+            for opt in ("inner_batch", "eval_batch"):
+                if getattr(self, opt) is not None:
+                    check_positive_int(getattr(self, opt), opt, 1)
+            require(self.inner_optimizer in ("adam", "sgd"), "learner option 'inner_optimizer' "
+                    f"must be 'adam' or 'sgd', got {self.inner_optimizer!r}")
+            require(isinstance(self.adam_beta1, (int, float)) and 0 <= self.adam_beta1 < 1,
+                    f"learner option 'adam_beta1' must lie in [0, 1), got {self.adam_beta1!r}")
+            require(isinstance(self.meta_step_size, (int, float)) and self.meta_step_size > 0,
+                    f"learner option 'meta_step_size' must be > 0, got {self.meta_step_size!r}")
+            require(isinstance(self.meta_step_size_final, (int, float))
+                    and self.meta_step_size_final >= 0,
+                    f"learner option 'meta_step_size_final' must be >= 0, got "
+                    f"{self.meta_step_size_final!r}")
+            require(self.bn in BN_POLICIES, f"learner option 'bn' must be one of "
+                    f"{', '.join(BN_POLICIES)}, got {self.bn!r}")
+
+    def __init__(self, config=None, *, in_channels, image_size, num_classes=None, backbone=None):
+        super().__init__(config, in_channels=in_channels, image_size=image_size,
+                         num_classes=num_classes, backbone=backbone)
+        c = self.config
+        #: the network θ: backbone + N-way head
+        self.net = HeadNet(self.make_backbone(), c.ways)
+        #: the inner optimiser U (detached steps)
+        self.loop = InnerLoop(self.net, steps=c.inner_steps, lr=c.lr, optimizer=c.inner_optimizer,
+                              adam_betas=(c.adam_beta1, 0.999), bn=c.bn)
+        self.optimizers["meta"] = torch.optim.SGD(self.net.parameters(), lr=c.meta_step_size)
+
+    def meta_step_size(self, step: Optional[int] = None) -> float:
+        """ε_t: linear from ``meta_step_size`` (t = 0) to ``meta_step_size_final`` (t >= T)."""
+        c = self.config
+        t = self.steps_done if step is None else step
+        frac = min(t / c.meta_iters, 1.0)
+        return frac * c.meta_step_size_final + (1 - frac) * c.meta_step_size
+
+    def _generator(self, salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + salt)
+
+    def adapt(self, x: Tensor, y: Tensor, steps: int, batch: Optional[int],
+              generator: torch.Generator):
+        """θ̃ = U^steps(θ) on examples (x, y) in mini-batches; returns (adapted net, last loss,
+        last accuracy), the loss and accuracy of the last step's mini-batch before its update."""
+        batches = minibatch_indices(len(y), batch, steps, generator)
+        last = {}
+
+        def loss_fn(net):
+            rows = batches[net.step]
+            logits = net(x[rows])
+            loss = F.cross_entropy(logits, y[rows])
+            last["loss"], last["acc"] = loss.detach(), accuracy(logits.detach(), y[rows])
+            return loss
+
+        adapted = self.loop.adapt(loss_fn, steps=steps, differentiable=False)
+        return adapted, last.get("loss"), last.get("acc")
+
+    def train_step(self, batch) -> Dict[str, Tensor]:
+        """One batched Reptile update (Algorithm 2) over the episodes of ``batch``.
+
+        Metrics: ``loss`` / ``acc`` are the inner-loop loss and accuracy at the last inner
+        step (on its mini-batch, before its update), averaged over tasks; ``epsilon`` is ε_t.
+        """
+        episodes = check_batch(self, batch, self.config.ways)
+        self.train()
+        c = self.config
+        params = list(self.net.parameters())
+        sums = [torch.zeros_like(p) for p in params]
+        losses, accs = [], []
+        for i, ep in enumerate(episodes):
+            x = torch.cat([ep.support_x, ep.query_x])
+            y = torch.cat([ep.support_y, ep.query_y])
+            gen = self._generator(self.steps_done * 4096 + i)
+            adapted, loss, acc = self.adapt(x, y, c.inner_steps, c.inner_batch, gen)
+            for s, q in zip(sums, adapted.params):
+                s.add_(q)
+            losses.append(loss)
+            accs.append(acc)
+        loss = torch.stack(losses).mean()
+        self.check_finite(loss, self.steps_done)
+        n = len(episodes)
+        with torch.no_grad():
+            for p, s in zip(params, sums):
+                p.grad = p - s / n  # pseudo-gradient θ − mean_i θ̃_i
+        eps = self.meta_step_size()
+        opt = self.optimizers["meta"]
+        for group in opt.param_groups:
+            group["lr"] = eps
+        self.outer_step("meta")
+        self.steps_done += 1
+        return {"loss": loss, "acc": torch.stack(accs).mean(),
+                "epsilon": torch.tensor(eps)}
+
+    def predict(self, episode) -> Tensor:
+        """Fine-tune on the support set for ``eval_steps`` steps, return query logits."""
+        check_episode(self, episode, self.config.ways)
+        c = self.config
+        with eval_mode(self):
+            adapted, _, _ = self.adapt(episode.support_x, episode.support_y, c.eval_steps,
+                                       c.eval_batch, self._generator(2**31 - 1))
+            with torch.no_grad():
+                return adapted(episode.query_x)
