@@ -67,7 +67,7 @@ __all__ = [
     "is_distributed", "rank", "world_size", "local_rank", "is_main", "barrier",
     "rank_seed", "split_meta_batch", "supervised_rows", "split_supervised_batch",
     "shard", "shard_indices", "gather_per_episode", "all_gather_object", "broadcast_object",
-    "broadcast_module", "all_reduce_mean_grads", "reduce_metrics", "check_resume_world_size",
+    "broadcast_module", "sync_buffers", "all_reduce_mean_grads", "reduce_metrics", "check_resume_world_size",
     "find_free_port",
 ]
 
@@ -446,6 +446,40 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     with _collective("broadcast_module"), torch.no_grad():
         for t in tensors:
             dist.broadcast(t.data, src=src)
+
+
+def sync_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every rank's buffers (BatchNorm running statistics) equal: floating buffers
+    become their mean over ranks, the others (``num_batches_tracked``) rank ``src``'s.
+
+    Parameters stay equal across ranks by construction (same averaged gradient), but
+    buffers are updated by each rank's own forward passes on its own episodes or rows, so
+    they drift apart. Call this before every checkpoint and every evaluation: the
+    checkpoint then holds the ranks' mean running statistics (the average of W estimates of
+    the same population statistics) and a sharded evaluation uses the same network on
+    every rank, the network the checkpoint holds. One collective per dtype.
+    """
+    if not is_distributed():
+        return
+    bufs = list(module.buffers())
+    floats = [b for b in bufs if b.is_floating_point()]
+    others = [b for b in bufs if not b.is_floating_point()]
+    w = dist.get_world_size()
+    with _collective("buffer sync"), torch.no_grad():
+        groups: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = {}
+        for b in floats:
+            groups.setdefault((b.dtype, b.device), []).append(b)
+        for key in sorted(groups, key=lambda k: (str(k[0]), str(k[1]))):
+            bs = groups[key]
+            flat = torch.cat([b.reshape(-1) for b in bs])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= w
+            offset = 0
+            for b in bs:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
+        for b in others:
+            dist.broadcast(b, src=src)
 
 
 # ------------------------------------------------------------------ gradients, metrics
