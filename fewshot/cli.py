@@ -223,7 +223,26 @@ def _cmd_config(args) -> int:
     return 0
 
 
+def _launched_by_torchrun() -> bool:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
 def _cmd_train(args) -> int:
+    if _launched_by_torchrun():  # torchrun --nproc_per_node=N -m fewshot train ...
+        from fewshot import distributed
+
+        distributed.init_from_env()
+        try:
+            return _train(args)
+        finally:
+            distributed.shutdown()
+    return _train(args)
+
+
+def _train(args) -> int:
     from fewshot.train import Trainer
 
     overrides = list(args.overrides)
@@ -246,6 +265,8 @@ def _cmd_train(args) -> int:
             raise ConfigError("fewshot train: give CONFIG.toml (examples in configs/) or --resume RUN_DIR")
         trainer = Trainer(args.config, args.out, overrides=overrides, force=args.force, argv=argv)
     run = trainer.run(evaluate=not args.no_eval)
+    if not trainer.is_writer:
+        return 0
     print(f"run directory: {run.run_dir}")
     if run.best_val is not None:
         print(f"best validation accuracy {run.best_val * 100:.2f}% at step {run.state.get('best_step')}")

@@ -6,7 +6,8 @@
 * :func:`plot_embedding` — a 2-D projection of support and query embeddings of test
   episodes, supports as stars, queries as dots, one colour per class (as Figure 3 of the
   L2G paper). The projection is t-SNE (scikit-learn) when installed, else PCA: the top two
-  right singular vectors of the centred embedding matrix Z − mean(Z) (``torch.pca_lowrank``).
+  right singular vectors of the centred embedding matrix Z − mean(Z) (exact SVD,
+  ``torch.linalg.svd``).
 """
 from __future__ import annotations
 
@@ -132,10 +133,12 @@ def project_2d(z, method: str = "auto", seed: int = 0) -> Tuple[np.ndarray, str]
 
                 raise ConfigError("--method tsne needs scikit-learn (pip install scikit-learn); "
                                   "use --method pca") from None
-    zc = z - z.mean(0, keepdim=True)
-    torch.manual_seed(seed)
-    _, _, v = torch.pca_lowrank(zc, q=min(2, *zc.shape), center=False)
-    return (zc @ v[:, :2]).numpy(), "pca"
+    zc = (z - z.mean(0, keepdim=True)).double()
+    _, _, vh = torch.linalg.svd(zc, full_matrices=False)  # exact, deterministic
+    y = zc @ vh[:2].T
+    if y.shape[1] < 2:  # one-dimensional embeddings: pad a zero axis
+        y = torch.cat([y, torch.zeros(y.shape[0], 2 - y.shape[1], dtype=y.dtype)], 1)
+    return y.float().numpy(), "pca"
 
 
 def plot_embedding(z_support, y_support, z_query, y_query, path, title: str = "",

@@ -79,7 +79,7 @@ def test_refuses_corrupt_foreign_and_mismatched(tmp_path):
         load_checkpoint(trunc)
     evil = tmp_path / "evil.pt"
     with open(evil, "wb") as fh:
-        pickle.dump({"format": "fewshot-checkpoint", "x": Evil()}, fh)
+        pickle.dump({"format": "fewshot-checkpoint", "x": Evil()}, fh, protocol=2)
     with pytest.raises(CheckpointError, match="evil.pt cannot be read safely"):
         load_checkpoint(evil)
     foreign = tmp_path / "foreign.pt"

@@ -77,6 +77,7 @@ def test_run_dir_errors(capsys, tmp_path):
     _one_line_error(capsys, ["bench", str(spec), "--quick"], "has no [quick] table")
 
 
+@pytest.mark.slow
 def test_subprocess_exit_status_and_debug(tmp_path):
     cmd = [sys.executable, "-m", "fewshot", "train", str(tmp_path / "nope.toml")]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
