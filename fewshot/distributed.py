@@ -249,7 +249,7 @@ def is_main() -> bool:
 
 def _first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__
+    return s[0].rstrip(". ") if s else type(e).__name__
 
 
 @contextlib.contextmanager
