@@ -201,7 +201,8 @@ class MLTP(SupervisedLearner):
         return self.inner.step_sizes()
 
     # ------------------------------------------------------------------ the objective
-    def objective(self, x_i: Tensor, y_i: Tensor, x_j: Tensor, y_j: Tensor) -> Dict[str, Tensor]:
+    def objective(self, x_i: Tensor, y_i: Tensor, x_j: Tensor, y_j: Tensor,
+                  _fo_grads: bool = False) -> Dict[str, Tensor]:
         """J of eq. 4 and its parts, differentiable in w and α (no optimiser step).
 
         Returns ``J``, ``loss_i`` = L(f(w, x^i), y^i), ``loss_j`` = L(f(w', x^j), y^j),
@@ -217,7 +218,9 @@ class MLTP(SupervisedLearner):
         graph, kept alive for them) and J is returned as
         L_i + ⟨w, g_i⟩ − ⟨w, g_i⟩|_const + η L_j: its value is eq. 4 and its gradient is
         exactly the first-order one. So MLTP_FO costs two forward and two backward passes
-        over B/2 images, the same as standard training's over B.
+        over B/2 images, the same as standard training's over B. (``train_step`` goes one
+        step further: it back-propagates η L_j only and adds g_i to ``.grad``, which saves
+        two passes over the weights; ``_fo_grads`` returns g_i for that.)
         """
         parts: Dict[str, object] = {}
         first_order = self.config.first_order
@@ -258,6 +261,10 @@ class MLTP(SupervisedLearner):
             if missing:
                 raise TrainingError(f"learner '{self.name}': the inner loop did not report "
                                     f"∂L_i/∂w for {missing[:3]}; first-order MLTP needs it")
+            if _fo_grads:
+                return {"J": L_i.detach() + self.config.eta * loss_j, "loss_i": L_i.detach(),
+                        "loss_j": loss_j, "logits_i": parts["logits_i"], "logits_j": logits_j,
+                        "adapted": adapted, "g_i": [(w[k], g.detach()) for k, g in captured.items()]}
             lin = sum((w[k] * g.detach()).sum() for k, g in captured.items())
             L_i = L_i.detach() + (lin - lin.detach())
         J = L_i + self.config.eta * loss_j  # line 6 (eq. 4)
@@ -269,15 +276,24 @@ class MLTP(SupervisedLearner):
         x_i, y_i, x_j, y_j = self.check_batch(batch)
         self.model.train()
         self.inner.train()
-        out = self.objective(x_i, y_i, x_j, y_j)
+        c = self.config
+        out = self.objective(x_i, y_i, x_j, y_j, _fo_grads=c.first_order)
         J = out["J"]
         self._guard_finite(J, "MLTP objective J")
         opt = self.optimizers["meta"]
         opt.zero_grad(set_to_none=True)
-        J.backward()  # ∂J/∂w (second order unless first_order) and ∂J/∂α
+        if c.first_order:  # ∂J/∂w = g_i + η ∂L_j/∂w|_{w'};  ∂J/∂α = −η ⟨g_i, ∂L_j/∂w|_{w'}⟩
+            (c.eta * out["loss_j"]).backward()
+            with torch.no_grad():
+                for p, g in out["g_i"]:
+                    if p.grad is None:
+                        p.grad = g.clone()
+                    else:
+                        p.grad.add_(g)
+        else:
+            J.backward()  # ∂J/∂w (second order) and ∂J/∂α
         self.outer_step("meta")  # line 7: w ← w − r ∂J/∂w, α ← α − r ∂J/∂α (+ β w)
         self.steps_done += 1
-        c = self.config
         if c.learn_alpha and c.alpha_negative == "clamp":
             self._clamp_alpha()
         elif c.learn_alpha and c.alpha_negative == "error":

@@ -409,3 +409,24 @@ def test_registered_variants_and_paper_networks():
     assert learner.inner.group_names == ["features.0"]  # its single Conv(256, 3)
     learner = get_learner("mltp_fc")(in_channels=3, image_size=8, num_classes=10)
     assert learner.inner.group_names == ["hidden.0", "head"]  # Fc(512) and Softmax(10)
+
+
+@pytest.mark.parametrize("name", ["mltp", "mltp_fo"])
+def test_train_step_is_one_optimiser_step_on_grad_J(f64, name):
+    """train_step (MLTP_FO takes a cheaper route to the same gradient) = Adam on ∂J/∂(w, α)."""
+    torch.manual_seed(13)
+    b = batch(seed=13)
+    learner = make(name, lr=1e-2, weight_decay=1e-3, alpha_mean=0.05, alpha_std=0.01)
+    ref = copy.deepcopy(learner)
+    out = ref.objective(*b)
+    params = list(ref.model.parameters()) + [ref.inner.alpha]
+    gs = torch.autograd.grad(out["J"], params)
+    opt = torch.optim.Adam([{"params": params[:-1], "weight_decay": 1e-3},
+                            {"params": params[-1:], "weight_decay": 0.0}], lr=1e-2)
+    for p, g in zip(params, gs):
+        p.grad = g
+    opt.step()
+    metrics = learner.train_step(b)
+    torch.testing.assert_close(metrics["loss"], out["J"].detach(), rtol=0, atol=1e-12)
+    for p, q in zip(list(learner.model.parameters()) + [learner.inner.alpha], params):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,240 @@
+"""Cost of MLTP and its variants over standard training, per iteration, on the same minibatches.
+
+    python benchmarks/perf/mltp.py [--quick] [--json PATH] [--device cpu|cuda] [--threads N]
+
+For CNet1 (32x32 RGB, 10 classes; MLTP paper sec. IV-A) and ResNet-18 without its first
+max-pool (64x64, 200 classes; sec. IV-C) each learner (``standard``, ``mltp``,
+``mltp_conv``, ``mltp_fc``, ``mltp_fo``) trains on the same fixed minibatches from the same
+initial weights. Reported per network and learner:
+
+* time per iteration: the median of ``repeats`` timed ``train_step`` calls after
+  ``warmup`` untimed ones (the whole step: forward(s), inner step, backward, optimiser);
+* peak memory of one iteration: on CUDA ``torch.cuda.max_memory_allocated`` above the
+  memory held before the step; on CPU the peak of the bytes the autograd graphs keep alive
+  (tensors saved for backward, counted once per storage, parameters excluded, tracked with
+  ``torch.autograd.graph.saved_tensors_hooks`` and released as the graphs are freed) —
+  the part of memory that differs between the variants;
+
+and the ratios ``<variant>_over_standard_time_<net>`` / ``..._peak_mem_<net>``. The issue's
+targets: MLTP_FO <= 1.3x standard, full MLTP <= 3.5x. ``--quick`` (smaller batches, fewer
+repeats) finishes in under a minute on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import namedtuple
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from fewshot.learners import get_learner  # noqa: E402
+
+try:
+    from fewshot.data.supervised import TaskPairBatch  # noqa: E402
+except ImportError:  # the learners only read these four fields
+    TaskPairBatch = namedtuple("TaskPairBatch", "x_i y_i x_j y_j")
+
+NETS = {
+    # name: (classifier, options, channels, size, classes, learner options)
+    "cnet1": ("cnet1", {}, 3, 32, 10, {"optimizer": "adam", "lr": 1e-3}),
+    "resnet18": ("resnet18", {"drop_maxpool": True}, 3, 64, 200,
+                 {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-5,
+                  "alpha_mean": 1e-2, "alpha_std": 1e-2, "eta": 0.5}),
+}
+PLAN = {  # net -> (batch, warmup, repeats, learners)   (full run)
+    "cnet1": (128, 2, 7, ["standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo"]),
+    "resnet18": (32, 1, 5, ["standard", "mltp_fo", "mltp"]),
+}
+QUICK = {
+    "cnet1": (32, 1, 3, ["standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo"]),
+    "resnet18": (8, 1, 3, ["standard", "mltp_fo", "mltp"]),
+}
+
+
+class SavedBytes:
+    """Live and peak bytes of tensors saved by autograd (one count per storage, no params)."""
+
+    def __init__(self, exclude_ptrs):
+        self.exclude = set(exclude_ptrs)
+        self.refs = {}
+        self.live = 0
+        self.peak = 0
+
+    def _release(self, key, nbytes):
+        n = self.refs.get(key, 0) - 1
+        if n <= 0:
+            self.refs.pop(key, None)
+            self.live -= nbytes
+        else:
+            self.refs[key] = n
+
+    def pack(self, t):
+        try:
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            return t
+        if key in self.exclude or nbytes == 0:
+            return t
+        if key not in self.refs:
+            self.refs[key] = 0
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        self.refs[key] += 1
+        return _Held(t, self, key, nbytes)
+
+    @staticmethod
+    def unpack(h):
+        return h.t if isinstance(h, _Held) else h
+
+
+class _Held:
+    __slots__ = ("t", "owner", "key", "nbytes")
+
+    def __init__(self, t, owner, key, nbytes):
+        self.t, self.owner, self.key, self.nbytes = t, owner, key, nbytes
+
+    def __del__(self):
+        self.owner._release(self.key, self.nbytes)
+
+
+def make_batches(n, batch, channels, size, classes, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(batch, channels, size, size, generator=g).to(device)
+        y = torch.randint(0, classes, (batch,), generator=g).to(device)
+        h = batch // 2
+        out.append(TaskPairBatch(x[:h], y[:h], x[h:], y[h:]))
+    return out
+
+
+def build(name, net, device):
+    clf, bopts, ch, size, classes, lopts = NETS[net]
+    cls = get_learner(name)
+    fields = set(cls.Config.__dataclass_fields__)
+    opts = {k: v for k, v in lopts.items() if k in fields}
+    torch.manual_seed(0)
+    cfg = cls.Config(backbone=clf, backbone_options=dict(bopts), **opts)
+    return cls(cfg, in_channels=ch, image_size=size, num_classes=classes).to(device)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(learner, b, device):
+    """Peak memory of one ``train_step`` (see the module docstring for what is counted)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        learner.train_step(b)
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    counter = SavedBytes(p.untyped_storage().data_ptr() for p in learner.parameters())
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+        learner.train_step(b)
+    return counter.peak
+
+
+def measure(names, net, batch, warmup, repeats, device):
+    """Median seconds per iteration and peak memory of each learner on the same batches.
+
+    The learners take turns (round-robin, starting learner rotated every round), so a load
+    change on a shared machine hits every learner alike; ratios are taken within a run.
+    """
+    learners = {n: build(n, net, device) for n in names}
+    _, _, ch, size, classes, _ = NETS[net]
+    batches = make_batches(warmup + repeats, batch, ch, size, classes, device)
+    times = {n: [] for n in names}
+    for r, b in enumerate(batches):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            sync(device)
+            t0 = time.perf_counter()
+            learners[n].train_step(b)
+            sync(device)
+            if r >= warmup:
+                times[n].append(time.perf_counter() - t0)
+    out = {n: (statistics.median(times[n]), peak_memory(learners[n], batches[-1], device))
+           for n in names}
+    del learners
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small batches, few repeats (< 1 min)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    ap.add_argument("--nets", default="cnet1,resnet18", help="comma-separated subset")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    plan = QUICK if args.quick else PLAN
+    metrics, ratios = {}, {}
+    rows = []
+    t_all = time.perf_counter()
+    for net in [n.strip() for n in args.nets.split(",") if n.strip()]:
+        batch, warmup, repeats, learners = plan[net]
+        res = measure(learners, net, batch, warmup, repeats, device)
+        for name, (sec, peak) in res.items():
+            metrics[f"{net}/{name}/seconds_per_iter"] = round(sec, 5)
+            metrics[f"{net}/{name}/peak_bytes"] = int(peak)
+        s_sec, s_peak = res["standard"]
+        for name, (sec, peak) in res.items():
+            tr = sec / s_sec
+            mr = peak / s_peak if s_peak else float("nan")
+            if name != "standard":
+                ratios[f"{name}_over_standard_time_{net}"] = round(tr, 3)
+                ratios[f"{name}_over_standard_peak_mem_{net}"] = round(mr, 3)
+            rows.append((net, batch, name, sec * 1e3, tr, peak / 2 ** 20, mr))
+    mem_kind = ("cuda max_memory_allocated" if device.type == "cuda"
+                else "autograd saved-tensor bytes (params excluded)")
+    print(f"MLTP cost per iteration on {device} ({torch.get_num_threads()} threads); memory = {mem_kind}")
+    print(f"{'net':9s} {'batch':>5s} {'learner':10s} {'ms/iter':>9s} {'x std':>6s} {'peak MiB':>9s} {'x std':>6s}")
+    for net, batch, name, ms, tr, mib, mr in rows:
+        print(f"{net:9s} {batch:5d} {name:10s} {ms:9.1f} {tr:6.2f} {mib:9.1f} {mr:6.2f}")
+    targets = {"mltp_fo": 1.3, "mltp": 3.5}
+    for key, v in ratios.items():
+        for name, lim in targets.items():
+            if key.startswith(f"{name}_over_standard_time_"):
+                print(f"target {key} <= {lim}: {'met' if v <= lim else 'MISSED'} ({v:.2f})")
+    print(f"total {time.perf_counter() - t_all:.1f}s")
+    if args.json:
+        out = {
+            "benchmark": "mltp",
+            "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "torch": torch.__version__, "device": str(device),
+                        "device_name": (torch.cuda.get_device_name(device)
+                                        if device.type == "cuda" else platform.machine())},
+            "command": "python benchmarks/perf/mltp.py " + " ".join(argv if argv is not None
+                                                                      else sys.argv[1:]),
+            "memory": mem_kind,
+            "plan": {n: {"batch": b, "warmup": w, "repeats": r, "learners": ls}
+                     for n, (b, w, r, ls) in plan.items()},
+            "metrics": metrics,
+            "ratios": ratios,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(f".{args.json.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(out, indent=1) + "\n")
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
