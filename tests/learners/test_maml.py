@@ -10,6 +10,8 @@ from torch.func import functional_call, grad
 from fewshot.errors import ConfigError, TrainingError
 from fewshot.learners import get_learner
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def build(tiny_net, name="maml", **cfg):
     cls = get_learner(name)

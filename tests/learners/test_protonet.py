@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from fewshot.errors import ConfigError, TrainingError
 from fewshot.learners import get_learner
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def build(tiny_net, **cfg):
     cls = get_learner("protonet")

@@ -9,6 +9,8 @@ from fewshot.errors import ConfigError
 from fewshot.learners import Learner, LearnerConfig, get_learner, list_learners, register_learner
 from fewshot.learners import registry
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CLASSIC = ["maml", "fomaml", "reptile", "protonet", "relationnet", "transfer"]
 
 

@@ -7,6 +7,8 @@ from torch import nn
 from fewshot.errors import ConfigError, TrainingError
 from fewshot.learners import get_learner
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class TinyMaps(nn.Module):
     """conv3x3(8) - BN - ReLU - maxpool2, returning (B, 8, 4, 4) feature maps for 8x8 input."""

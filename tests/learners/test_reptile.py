@@ -9,6 +9,8 @@ from fewshot.errors import ConfigError, TrainingError
 from fewshot.learners import get_learner
 from fewshot.learners.reptile import minibatch_indices
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class Flat(nn.Module):
     """Identity features: the learner's network is then the linear model W x + b."""
