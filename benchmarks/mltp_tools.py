@@ -213,29 +213,34 @@ def report(runs_dir, out, command=""):
             if not state.get("complete"):
                 raise DataError(f"{rd}: the run is not finished; complete the bench first")
             acc, step = evaluate_topk(rd)
-            epochs = json.loads((rd / "run.json").read_text()).get("total_steps", step)
             cfg_epochs = _epochs_of(rd)
             spe = max(1, int(state["total_steps"]) // max(1, cfg_epochs))
             per_seed.append({"seed": rd.name, "top1": acc[1], "top5": acc[5], "step": step,
                              "curve": _curve(rd, spe), "learner": state.get("learner"),
                              "train_seconds": state.get("train_seconds")})
-            del epochs
         results[name] = per_seed
-    first = names[0]
+    nets = {name: _network_of(groups[name][0]) for name in names}
+    baseline = {}
+    for name in names:  # Δ against standard training of the same network (else the first row)
+        same = [n for n in names if nets[n] == nets[name] and results[n][0]["learner"] == "standard"]
+        baseline[name] = same[0] if same else names[0]
     rows = []
     for name in names:
         t1 = _mean_std([r["top1"] for r in results[name]])
         t5 = _mean_std([r["top5"] for r in results[name]])
         secs = _mean_std([r["train_seconds"] or 0.0 for r in results[name]])
         diff = None
-        if name != first:
-            d = [a["top1"] - b["top1"] for a, b in zip(sorted(results[name], key=lambda r: r["seed"]),
-                                                       sorted(results[first], key=lambda r: r["seed"]))]
-            diff = _mean_std(d)
-        rows.append({"label": name, "learner": results[name][0]["learner"], "seeds": len(results[name]),
+        base = baseline[name]
+        if name != base:
+            mine = {r["seed"]: r["top1"] for r in results[name]}
+            theirs = {r["seed"]: r["top1"] for r in results[base]}
+            d = [mine[k] - theirs[k] for k in sorted(mine) if k in theirs]
+            diff = _mean_std(d) if d else None
+        rows.append({"label": name, "learner": results[name][0]["learner"], "network": nets[name],
+                     "seeds": len(results[name]), "baseline": base,
                      "top1_mean": t1[0], "top1_std": t1[1], "top5_mean": t5[0], "top5_std": t5[1],
-                     "diff_top1_vs_first_mean": diff[0] if diff else None,
-                     "diff_top1_vs_first_std": diff[1] if diff else None,
+                     "diff_top1_vs_baseline_mean": diff[0] if diff else None,
+                     "diff_top1_vs_baseline_std": diff[1] if diff else None,
                      "train_seconds_mean": secs[0],
                      "per_seed": [{k: r[k] for k in ("seed", "top1", "top5", "step")}
                                   for r in results[name]]})
@@ -243,13 +248,14 @@ def report(runs_dir, out, command=""):
     lines = [f"# {stem}", "", f"Runs: `{runs_dir}`", ""]
     if command:
         lines += ["Command:", "", "```", command, "```", ""]
-    lines += ["Final test accuracy of the last weights (%), mean ± std over seeds; Δ = paired "
-              f"per-seed difference to `{first}` (mean ± std over seeds).", "",
+    lines += ["Final test accuracy of the last weights (%), mean ± std over seeds; Δ top-1 = "
+              "paired per-seed difference to standard training of the same network (mean ± std "
+              "over seeds; compare it with the std columns, the seed-to-seed spread).", "",
               "| learner | seeds | top-1 | top-5 | Δ top-1 | train s/run |",
               "|---|---|---|---|---|---|"]
     for r in rows:
-        d = ("" if r["diff_top1_vs_first_mean"] is None else
-             f"{100 * r['diff_top1_vs_first_mean']:+.2f} ± {100 * r['diff_top1_vs_first_std']:.2f}")
+        d = ("" if r["diff_top1_vs_baseline_mean"] is None else
+             f"{100 * r['diff_top1_vs_baseline_mean']:+.2f} ± {100 * r['diff_top1_vs_baseline_std']:.2f}")
         lines.append(f"| {r['label']} | {r['seeds']} | {100 * r['top1_mean']:.2f} ± "
                      f"{100 * r['top1_std']:.2f} | {100 * r['top5_mean']:.2f} ± "
                      f"{100 * r['top5_std']:.2f} | {d} | {r['train_seconds_mean']:.0f} |")
@@ -258,6 +264,13 @@ def report(runs_dir, out, command=""):
                                                    "rows": rows}, indent=1) + "\n").encode())
     _plot_curves(results, names, out.with_name(stem + "_curves.png"))
     return rows
+
+
+def _network_of(run_dir: Path) -> str:
+    from fewshot.config import load_config
+
+    o = load_config(run_dir / "config.toml").learner.options
+    return f"{o.get('backbone')} {json.dumps(o.get('backbone_options', {}), sort_keys=True)}"
 
 
 def _epochs_of(run_dir: Path) -> int:
