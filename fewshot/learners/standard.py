@@ -179,7 +179,14 @@ class SupervisedLearner(Learner):
         return x_i.to(dev), y_i.to(dev), x_j.to(dev), y_j.to(dev)
 
     def _guard_finite(self, loss: Tensor, what: str = "loss") -> None:
-        """Refuse a non-finite objective before any weight moves (nothing half-updated)."""
+        """Refuse a non-finite objective before any weight moves (nothing half-updated).
+
+        Checked on CPU, where it costs nothing. On an accelerator the check would stall the
+        device every step, so it is left to the trainer, which checks the logged metrics
+        every ``log_every`` steps and stops with the same error.
+        """
+        if loss.device.type != "cpu":
+            return
         if not bool(torch.isfinite(loss.detach()).all()):
             raise TrainingError(f"learner '{self.name}': non-finite {what} ({float(loss.detach())}) at "
                                 f"training step {self.steps_done}; lower 'lr' (now "
