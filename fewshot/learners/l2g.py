@@ -61,6 +61,7 @@ from fewshot.inner_loop import BN_POLICIES, InnerLoop
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
 from fewshot.learners.protonet import check_episode, prototypes, squared_euclidean_logits
 from fewshot.learners.registry import register_learner
+from fewshot.learners.relationnet import class_sums
 
 __all__ = ["L2GConfig", "L2GRelationConfig", "L2GProtoNet", "L2GRelationNet", "MAMLProtoNet",
            "MAMLRelationNet", "ProtoNetScorer", "RelationNetScorer", "build_relation_scorer",
@@ -108,9 +109,7 @@ class RelationNetScorer(nn.Module):
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, ways: int) -> Tensor:
         s = support_x.shape[0]
         z = self.encoder(torch.cat([support_x, query_x], 0))  # (S + Q, C, h, w)
-        onehot = F.one_hot(support_y, ways).to(z.dtype)        # (S, N)
-        protos = (onehot.t() @ z[:s].flatten(1)).view(ways, *z.shape[1:])
-        return self.relation.pairwise(protos, z[s:])
+        return self.relation.pairwise(class_sums(z[:s], support_y, ways), z[s:])
 
     @staticmethod
     def loss(scores: Tensor, query_y: Tensor, ways: int) -> Tensor:
@@ -286,6 +285,10 @@ class _BilevelMetric(Learner):
             accs.append(accuracy(scores.detach(), t_j.query_y))
         loss = torch.stack(outer).mean()
         self.check_finite(loss, self.steps_done)
+        clip = getattr(self.config, "grad_clip", 0)
+        if clip:
+            for part in self.scorer.children():
+                torch.nn.utils.clip_grad_norm_(part.parameters(), clip)
         self.outer_step("meta")
         self.steps_done += 1
         return {"loss": loss, "acc": torch.stack(accs).mean(), "inner_loss": torch.stack(inner).mean()}
@@ -299,17 +302,22 @@ class _BilevelMetric(Learner):
 
 @dataclass
 class L2GRelationConfig(L2GConfig):
-    """As :class:`L2GConfig` with RelationNet's schedule (halve every 100,000 steps) and
-    ``relation_hidden``, the width of the relation module's first fc layer (8, Sung et al.)."""
+    """As :class:`L2GConfig` with RelationNet's schedule (halve every 100,000 steps),
+    ``relation_hidden``, the width of the relation module's first fc layer (8, Sung et al.),
+    and ``grad_clip``: each network's (embedding, relation module) meta-gradient norm is
+    clipped to it (0.5, Sung et al.'s code and our RelationNet baseline; 0 = off)."""
 
     lr_halve_every: int = 100000
     relation_hidden: int = 8
+    grad_clip: float = 0.5
 
     def validate(self) -> None:
         super().validate()
         require(isinstance(self.relation_hidden, int) and self.relation_hidden >= 1,
                 f"learner option 'relation_hidden' must be an integer >= 1, "
                 f"got {self.relation_hidden!r}")
+        require(isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0,
+                f"learner option 'grad_clip' must be >= 0 (0 = off), got {self.grad_clip!r}")
 
 
 _L2G_PAPER = ("Lee, Na, Lee & Hwang, 'Learning to Generalize to Unseen Tasks with Bilevel "

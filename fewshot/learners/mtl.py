@@ -68,6 +68,7 @@ from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
 from fewshot.learners.maml import check_positive_int, eval_mode
 from fewshot.learners.protonet import check_batch, check_episode
 from fewshot.learners.registry import register_learner
+from fewshot.learners.reptile import minibatch_indices
 
 __all__ = ["MTLNet", "MTLConfig", "MTLMAML", "MTLReptile", "sub_batches"]
 
@@ -79,8 +80,9 @@ def sub_batches(n: int, k: int, batch: Optional[int], generator: torch.Generator
     """Indices of the k sub-batches of n examples (see the module docstring).
 
     ``batch=None``: a random permutation split into k nearly equal parts (needs k <= n).
-    ``batch=B``: k consecutive batches of B from shuffled passes over the examples, a new
-    shuffle per pass (B <= n); a batch may straddle two passes.
+    ``batch=B``: k batches of B from shuffled passes over the examples, reshuffled when
+    used up (Reptile's mini-batches, :func:`fewshot.learners.reptile.minibatch_indices`);
+    needs B <= n.
     """
     if batch is None:
         if k > n:
@@ -90,9 +92,7 @@ def sub_batches(n: int, k: int, batch: Optional[int], generator: torch.Generator
     if batch > n:
         raise ConfigError(f"MTL sub-batch size inner_batch={batch} exceeds the task's {n} "
                           f"examples; lower 'inner_batch' or use more shots")
-    passes = math.ceil(k * batch / n)
-    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(passes)])
-    return list(order[:k * batch].view(k, batch))
+    return minibatch_indices(n, batch, k, generator)
 
 
 class MTLNet(nn.Module):
@@ -277,14 +277,7 @@ class _MTL(Learner):
 
     def _check_task(self, ep) -> None:
         n = ep.support_x.shape[0] + (0 if self.variant == "maml" else ep.query_x.shape[0])
-        cfg = self.config
-        if cfg.inner_batch is None and cfg.inner_steps > n:
-            raise ConfigError(f"MTL cannot split a task of {n} examples into k={cfg.inner_steps} "
-                              f"sub-batches (learner option 'inner_steps'); use k <= {n} or set "
-                              f"'inner_batch'")
-        if cfg.inner_batch is not None and cfg.inner_batch > n:
-            raise ConfigError(f"MTL sub-batch size inner_batch={cfg.inner_batch} exceeds the "
-                              f"task's {n} examples; lower 'inner_batch' or use more shots")
+        sub_batches(n, self.config.inner_steps, self.config.inner_batch, torch.Generator())
         if self.variant == "maml" and ep.query_x.shape[0] == 0:
             raise ConfigError(f"learner '{self.name}' needs query examples for MAML's meta-loss")
         if self.net.base_head is not None:
