@@ -124,7 +124,7 @@ def _runs(runs_dir: Path):
     out = {}
     for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
         seeds = sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("seed")
-                       and (p / "config.toml").is_file())
+                       and ((p / "config.toml").is_file() or (p / "result.json").is_file()))
         if seeds:
             out[d.name] = seeds
     if not out:
@@ -205,21 +205,8 @@ def report(runs_dir, out, command=""):
     groups = _runs(runs_dir)
     order = [_slug(lab) for lab in _labels(runs_dir)]
     names = sorted(groups, key=lambda n: order.index(n) if n in order else len(order))
-    results = {}
-    for name in names:
-        per_seed = []
-        for rd in groups[name]:
-            state = json.loads((rd / "run.json").read_text())
-            if not state.get("complete"):
-                raise DataError(f"{rd}: the run is not finished; complete the bench first")
-            acc, step = evaluate_topk(rd)
-            cfg_epochs = _epochs_of(rd)
-            spe = max(1, int(state["total_steps"]) // max(1, cfg_epochs))
-            per_seed.append({"seed": rd.name, "top1": acc[1], "top5": acc[5], "step": step,
-                             "curve": _curve(rd, spe), "learner": state.get("learner"),
-                             "train_seconds": state.get("train_seconds")})
-        results[name] = per_seed
-    nets = {name: _network_of(groups[name][0]) for name in names}
+    results = {name: [_summary(rd) for rd in groups[name]] for name in names}
+    nets = {name: results[name][0]["network"] for name in names}
     baseline = {}
     for name in names:  # Δ against standard training of the same network (else the first row)
         same = [n for n in names if nets[n] == nets[name] and results[n][0]["learner"] == "standard"]
@@ -266,17 +253,134 @@ def report(runs_dir, out, command=""):
     return rows
 
 
-def _network_of(run_dir: Path) -> str:
+def _network(options) -> str:
+    return f"{options.get('backbone')} {json.dumps(options.get('backbone_options', {}), sort_keys=True)}"
+
+
+def _summary(rd: Path):
+    """Final top-1/top-5, curve and cost of one run (a `fewshot bench` run or a `run` result)."""
+    if (rd / "result.json").is_file():
+        r = json.loads((rd / "result.json").read_text())
+        return {"seed": rd.name, "top1": r["top1"], "top5": r["top5"], "step": r["steps"],
+                "curve": [tuple(x) for x in r["curve"]], "learner": r["learner"],
+                "network": _network(r["options"]), "train_seconds": r["train_seconds"]}
     from fewshot.config import load_config
 
-    o = load_config(run_dir / "config.toml").learner.options
-    return f"{o.get('backbone')} {json.dumps(o.get('backbone_options', {}), sort_keys=True)}"
+    state = json.loads((rd / "run.json").read_text())
+    if not state.get("complete"):
+        raise DataError(f"{rd}: the run is not finished; complete the bench first")
+    cfg = load_config(rd / "config.toml")
+    acc, step = evaluate_topk(rd)
+    spe = max(1, int(state["total_steps"]) // max(1, int(cfg.train.epochs)))
+    return {"seed": rd.name, "top1": acc[1], "top5": acc[5], "step": step, "curve": _curve(rd, spe),
+            "learner": state.get("learner"), "network": _network(cfg.learner.options),
+            "train_seconds": state.get("train_seconds")}
 
 
-def _epochs_of(run_dir: Path) -> int:
-    from fewshot.config import load_config
+def _normalised(store, mean, std):
+    import torch
 
-    return int(load_config(run_dir / "config.toml").train.epochs)
+    x = torch.from_numpy(np.asarray(store.images[:])).permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (x - m) / s, torch.from_numpy(np.asarray(store.labels)).long()
+
+
+def run_direct(spec_path, out_dir, quick=False, only=None):
+    """Train every learner x seed of a spec with a plain loop over the learners' train_step.
+
+    Kept for a machine where the trainer's supervised adapter is unavailable: each seed draws
+    the same shuffled minibatches for every learner (torch.Generator seeded with (seed,
+    epoch)), splits each into its two halves, applies the spec's lr milestones at epoch
+    starts as the trainer does, and records test top-1 after every epoch and top-1/top-5 of
+    the last weights. No augmentation (the reduced specs use none); images are normalised by
+    the training store's per-channel mean/std. The learner is built by the trainer's own
+    ``build_learner`` after ``seed_everything(seed)``, as in ``fewshot train``.
+    """
+    import time
+
+    import torch
+
+    from fewshot.bench import _slug as bench_slug
+    from fewshot.bench import load_spec
+    from fewshot.config import atomic_write_text, config_from_dict
+    from fewshot.data.store import open_split
+    from fewshot.errors import ConfigError
+    from fewshot.learners.standard import topk_correct
+    from fewshot.train import build_learner, seed_everything
+
+    try:
+        from fewshot.data.supervised import TaskPairBatch
+    except ImportError:
+        from collections import namedtuple
+
+        TaskPairBatch = namedtuple("TaskPairBatch", "x_i y_i x_j y_j")
+    spec = load_spec(spec_path, quick=quick)
+    out_dir = Path(out_dir)
+    for e in spec.learners:
+        if only and e.label not in only:
+            continue
+        for seed in spec.seeds:
+            cfg = config_from_dict(spec.run_config(e, seed), where=f"{spec_path} ({e.label})")
+            t, d = cfg.train, cfg.data
+            if d.augment:
+                raise ConfigError(f"{spec_path}: the direct loop applies no augmentation; use "
+                                  f"`fewshot bench` for data.augment = {d.augment!r}")
+            rd = out_dir / bench_slug(e.label) / f"seed{seed}"
+            if (rd / "result.json").is_file():
+                continue
+            if t.threads:
+                torch.set_num_threads(t.threads)
+            train = open_split(d.dataset, d.train_split, d.root, in_memory=True)
+            test = open_split(d.dataset, cfg.eval_split(), d.root, in_memory=True)
+            xtr, ytr = _normalised(train, train.mean, train.std)
+            xte, yte = _normalised(test, train.mean, train.std)
+            seed_everything(seed)
+            h, w, c = train.image_shape
+            learner = build_learner(cfg, in_channels=c, image_size=h, num_classes=train.num_classes)
+            learner.train()
+            bs = t.batch_size
+            if bs % 2:
+                raise ConfigError(f"{spec_path}: train.batch_size = {bs} must be even (two halves)")
+            per_epoch = len(ytr) // bs
+            bases = [g["lr"] for g in learner.optimizers["meta"].param_groups]
+            curve, steps, t0 = [], 0, time.perf_counter()
+
+            def test_acc(ks=(1, 5)):
+                hits = {k: 0 for k in ks}
+                for i in range(0, len(yte), 500):
+                    got = topk_correct(learner.predict_batch(xte[i:i + 500]), yte[i:i + 500], ks)
+                    for k in ks:
+                        hits[k] += int(got[k])
+                return {k: hits[k] / len(yte) for k in ks}
+
+            for epoch in range(t.epochs):
+                k = sum(1 for m in t.lr_milestones if epoch >= m)
+                for g, b0 in zip(learner.optimizers["meta"].param_groups, bases):
+                    g["lr"] = b0 * t.lr_gamma ** k
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+                perm = torch.randperm(len(ytr), generator=gen)
+                for i in range(per_epoch):
+                    idx = perm[i * bs:(i + 1) * bs]
+                    x, y = xtr[idx], ytr[idx]
+                    learner.train_step(TaskPairBatch(x[:bs // 2], y[:bs // 2], x[bs // 2:], y[bs // 2:]))
+                    steps += 1
+                curve.append((epoch + 1, test_acc((1,))[1]))
+                print(f"{e.label} seed {seed} epoch {epoch + 1}: test top-1 {100 * curve[-1][1]:.2f}",
+                      flush=True)
+            secs = time.perf_counter() - t0
+            final = test_acc()
+            alphas = ({n: float(a.detach()) for n, a in learner.step_sizes().items()}
+                      if hasattr(learner, "step_sizes") else {})
+            result = {"learner": cfg.learner.name, "label": e.label, "seed": seed,
+                      "options": cfg.learner.options, "dataset": d.dataset, "epochs": t.epochs,
+                      "batch_size": bs, "steps": steps, "top1": final[1], "top5": final[5],
+                      "curve": curve, "train_seconds": round(secs, 2), "final_alpha": alphas,
+                      "driver": "benchmarks/mltp_tools.py run (plain loop over train_step)"}
+            rd.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(rd / "result.json", json.dumps(result, indent=1) + "\n")
+            train.close()
+            test.close()
 
 
 def _plot_curves(results, names, path: Path):
@@ -320,6 +424,11 @@ def main(argv=None):
     p.add_argument("--train-drawers", type=int, default=15)
     p.add_argument("--train-per-class", type=int, default=20)
     p.add_argument("--test-per-class", type=int, default=10)
+    d = sub.add_parser("run", help="train a spec's learners with a plain loop (no trainer)")
+    d.add_argument("spec")
+    d.add_argument("--out", required=True, help="runs folder (OUT/<label>/seed<k>/result.json)")
+    d.add_argument("--quick", action="store_true")
+    d.add_argument("--only", action="append", help="train only this label (repeatable)")
     r = sub.add_parser("report", help="tables and curves of a finished MLTP bench")
     r.add_argument("runs_dir")
     r.add_argument("--out", required=True, help="output stem, e.g. benchmarks/results/mltp_omniglot")
@@ -338,6 +447,8 @@ def main(argv=None):
                                            test_per_class=args.test_per_class)
             for path in paths:
                 print(path)
+        elif args.cmd == "run":
+            run_direct(args.spec, args.out, quick=args.quick, only=args.only)
         else:
             for row in report(args.runs_dir, args.out, args.command):
                 print(f"{row['label']:28s} top-1 {100 * row['top1_mean']:.2f} ± {100 * row['top1_std']:.2f}"
