@@ -128,7 +128,9 @@ class Transfer(Learner):
         sx, sy, qx = episode.support_x, episode.support_y, episode.query_x
         with eval_mode(self):
             if c.finetune_body:
-                model = HeadNet(body, ways).to(sx.device, sx.dtype)
+                model = HeadNet(body, ways)
+                ref = next(body.parameters())
+                model.head.to(device=ref.device, dtype=ref.dtype)  # the body stays as it is
                 _zero(model.head)
                 loop = InnerLoop(model, steps=c.finetune_steps, lr=c.finetune_lr, bn="running")
                 adapted = loop.adapt(lambda net: F.cross_entropy(net(sx), sy), differentiable=False)

@@ -1,0 +1,125 @@
+"""ProtoNet training step: fewshot's ``protonet`` learner against plain PyTorch.
+
+    python benchmarks/perf/protonet.py [--quick] [--json PATH] [--threads N]
+
+Workload (full): Conv-4 (64 filters) on 3x84x84 images, 5-way 5-shot 15-query episodes, one
+episode per step, Adam, float32 on CPU. The peer is the same computation written directly in
+PyTorch, as a user would without a framework: a copy of the same Conv-4 (same initial
+weights), support and query embedded in one batch, prototypes as ``view(ways, shots, D)
+.mean(1)``, logits ``-torch.cdist(q, protos) ** 2``, cross-entropy, backward, Adam step. Ours
+adds the learner's episode checks (label ranges, image shapes, shots per class), the
+non-finite-loss check, the metrics and the learning-rate scheduler.
+
+Time: after ``warmup`` steps of each, steps of ours and of the peer alternate (A B A B ...)
+so a change of load on the shared machine hits both; medians over ``repeats`` steps each.
+Ratio ``time_ours_over_plain`` (target <= 1.05).
+
+``--quick`` (under a minute on 2 cores): 1x28x28 images, 32 filters, fewer repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+FULL = dict(channels=3, size=84, hidden=64, warmup=3, repeats=30)
+QUICK = dict(channels=1, size=28, hidden=32, warmup=3, repeats=40)
+WAYS, SHOTS, QUERIES, LR = 5, 5, 15, 1e-3
+
+
+def machine() -> str:
+    import torch
+
+    return (f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads (1: stable timings on a shared machine)")
+    args = ap.parse_args(argv)
+    p = QUICK if args.quick else FULL
+
+    import torch
+    import torch.nn.functional as F
+
+    from fewshot.data.episodes import Episode
+    from fewshot.learners import get_learner
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cls = get_learner("protonet")
+    ours = cls(cls.Config(lr=LR, backbone_options={"hidden": p["hidden"]}),
+               in_channels=p["channels"], image_size=p["size"])
+    encoder = copy.deepcopy(ours.encoder)
+    opt = torch.optim.Adam(encoder.parameters(), lr=LR)
+
+    g = torch.Generator().manual_seed(1)
+    c, s = p["channels"], p["size"]
+    sy = torch.arange(WAYS).repeat_interleave(SHOTS)
+    qy = torch.arange(WAYS).repeat_interleave(QUERIES)
+    ep = Episode(torch.randn(len(sy), c, s, s, generator=g), sy,
+                 torch.randn(len(qy), c, s, s, generator=g), qy, torch.arange(WAYS))
+
+    def plain_step():
+        encoder.train()
+        opt.zero_grad(set_to_none=True)
+        z = encoder(torch.cat([ep.support_x, ep.query_x]))
+        protos = z[:WAYS * SHOTS].view(WAYS, SHOTS, -1).mean(1)
+        logits = -torch.cdist(z[WAYS * SHOTS:], protos) ** 2
+        loss = F.cross_entropy(logits, ep.query_y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    fns = {"ours": lambda: ours.train_step([ep]), "plain": plain_step}
+    # both compute the same loss from the same weights (a check that the peer is the same work)
+    l_ours, l_plain = float(ours.train_step([ep])["loss"]), float(plain_step())
+    if abs(l_ours - l_plain) > 1e-3 * max(1.0, abs(l_plain)):
+        raise SystemExit(f"ours and plain disagree on the first loss: {l_ours} vs {l_plain}")
+    for _ in range(p["warmup"]):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(p["repeats"]):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["ours"] / med["plain"]
+    print(f"ProtoNet training step, {'quick' if args.quick else 'full'}: {c}x{s}x{s}, "
+          f"Conv-4({p['hidden']}), 5-way 5-shot 15-query; {machine()}")
+    print(f"{'':24s} {'fewshot':>10s} {'plain torch':>12s} {'ratio':>7s}")
+    print(f"{'step time (ms, median)':24s} {1e3 * med['ours']:10.2f} {1e3 * med['plain']:12.2f} "
+          f"{ratio:7.3f}")
+    print(f"first-step loss: ours {l_ours:.6f}, plain {l_plain:.6f}")
+    if args.json:
+        payload = {"benchmark": "protonet", "machine": machine(),
+                   "command": " ".join(["python", "benchmarks/perf/protonet.py", *sys.argv[1:]]),
+                   "metrics": {"step_s": {"ours": med["ours"], "plain": med["plain"],
+                                          "ours_all": times["ours"], "plain_all": times["plain"]},
+                               "first_loss": {"ours": l_ours, "plain": l_plain}},
+                   "ratios": {"time_ours_over_plain": ratio}, "params": p}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=args.json.parent, prefix=args.json.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()
