@@ -5,7 +5,7 @@ ProtoNet loss, functional_call + grad, no ``higher``), in float64 with a tight t
 """
 from __future__ import annotations
 
-import math
+import numpy as np
 import sys
 from pathlib import Path
 
@@ -242,3 +242,55 @@ def test_learns_glyphs(glyphs, one_thread, name, steps):
         learner.train_step = lambda batch: original([pairs() for _ in batch])
     before, after = fit_and_score(learner, glyphs, steps=steps, meta_batch=2)
     assert after > 0.7 and after - before > 0.1, (before, after)
+
+
+def _spec(name, quick=False):
+    from fewshot.bench import load_spec
+
+    return load_spec(REPO / "benchmarks" / f"{name}.toml", quick=quick)
+
+
+@pytest.mark.parametrize("table", ["l2g_table1", "l2g_table2", "l2g_table3"])
+def test_paper_specs_carry_the_papers_settings(table):
+    """Every entry of the L2G specs builds a valid learner config with the paper's numbers."""
+    from fewshot.config import config_from_dict
+
+    spec = _spec(table)
+    assert spec.seeds == [0, 1, 2, 3, 4] and spec.base["eval"]["episodes"] == 600
+    assert spec.base["train"]["episodes"] == 100000 and spec.base["train"]["meta_batch"] == 5
+    names = set()
+    for e in spec.learners:
+        cfg = config_from_dict(spec.run_config(e, 0))
+        cls = get_learner(cfg.learner.name)
+        opts = cls.Config(**cfg.learner.options)
+        opts.validate()
+        names.add(cfg.learner.name)
+        if cfg.learner.name.startswith(("l2g", "maml+")):
+            assert (opts.inner_lr, opts.inner_steps, opts.first_order, opts.lr) == (0.01, 1, False, 1e-3)
+            assert opts.lr_halve_every == (10000 if "protonet" in cfg.learner.name else 100000)
+        if cls.input_kind == "pairs":  # T_j has the shape of the cell (or any-way/any-shot)
+            assert cfg.train.pair and cfg.train.pair["queries"] == 15
+    if table == "l2g_table3":
+        assert spec.base["eval"]["ways"] == [5, 7, 10] and spec.base["eval"]["shots"] == [1, 5, 10]
+        assert names == {"protonet", "l2g+protonet"}
+    else:
+        assert spec.base["eval"]["ways"] == [5, 10] and spec.base["eval"]["shots"] == [1, 5]
+        assert {"l2g+protonet", "l2g+relationnet", "protonet", "relationnet", "maml"} <= names
+    quick = _spec(table, quick=True)
+    assert quick.base["data"]["dataset"] == "glyphs" and len(quick.learners) == len(spec.learners)
+
+
+def test_l2g_grid_larger_than_the_split_is_refused():
+    """A 10-way grid on a split of 8 classes: ConfigError before any training (the runner's
+    check of every grid, used for the L2G and MTL specs)."""
+    from fewshot.evaluate import check_grid
+
+    class Store:
+        dataset, split, num_classes = "glyphs", "test", 8
+        class_names = [str(i) for i in range(8)]
+
+        def class_counts(self):
+            return np.full(8, 20)
+
+    with pytest.raises(ConfigError, match="10-way tasks need 10 classes"):
+        check_grid(Store(), [5, 10], [1, 5], 15)

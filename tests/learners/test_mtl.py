@@ -264,3 +264,25 @@ def test_learns_glyphs(learn_glyphs, name, options):
                              **options), in_channels=1, image_size=28, num_classes=100)
     before, after = learn_glyphs(learner, steps=60, meta_batch=2)
     assert after > 0.8 and after - before > 0.05, (before, after)
+
+
+def test_meta_transfer_spec_carries_the_papers_settings():
+    from fewshot.bench import load_spec
+    from fewshot.config import config_from_dict
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = load_spec(repo / "benchmarks" / "meta_transfer_table1.toml")
+    assert spec.base["data"]["test_split"] == "val+test"  # 36 unseen classes (64/36 split)
+    assert spec.base["eval"] == {"ways": [5, 20, 35], "shots": [1, 5, 100], "queries": 15,
+                                 "episodes": 600, "seed": 2024, "checkpoint": "last"}
+    betas = {}
+    for e in spec.learners:
+        cfg = config_from_dict(spec.run_config(e, 0))
+        opts = get_learner(cfg.learner.name).Config(**cfg.learner.options)
+        opts.validate()
+        if cfg.learner.name.startswith("mtl"):
+            betas[e.label] = opts.beta
+            assert (opts.inner_steps, opts.inner_batch, opts.backbone_options) == (10, 20, {"hidden": 32})
+            assert (cfg.train.meta_batch, cfg.train.shots, cfg.train.episodes) == (5, 15, 100000)
+    assert betas == {"Transfer": 0.0, "Reptile": 1.0, "MTL+Reptile": 0.9, "MAML": 1.0,
+                     "MTL+MAML": 0.9}
