@@ -1,0 +1,210 @@
+"""Source readers: one module per on-disk format, each converting files a user already has into
+:class:`~fewshot.data.store.ImageStore` files. Conversion never downloads (see
+:mod:`fewshot.data.sources.download` for the explicit download path).
+
+Shared helpers live here: image decoding with PIL (one-line :class:`DataError` naming the file on
+a corrupt image), a small process pool for parallel JPEG/PNG decoding, and input-path helpers.
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from fewshot.errors import DataError
+
+#: jobs below this count are decoded in the calling process (a pool costs more than it saves)
+POOL_MIN_JOBS = 256
+
+
+def default_workers() -> int:
+    """Decoding processes: ``$FEWSHOT_DECODE_WORKERS`` or min(2, cpu count)."""
+    env = os.environ.get("FEWSHOT_DECODE_WORKERS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise DataError(f"$FEWSHOT_DECODE_WORKERS={env!r} is not an integer") from None
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def _resample():
+    from PIL import Image
+    return Image.Resampling.LANCZOS if hasattr(Image, "Resampling") else Image.LANCZOS
+
+
+def decode_image(data: Union[bytes, bytearray, memoryview, np.ndarray, str, os.PathLike], *,
+                 name: str, size: Optional[Tuple[int, int]] = None, mode: str = "RGB",
+                 invert: bool = False) -> np.ndarray:
+    """Decode one image (encoded bytes or a file path) to uint8 (H, W, C).
+
+    ``mode`` is the PIL mode to convert to *before* resizing ("L" or "RGB"; 1-bit images are
+    therefore smoothed, not thresholded); ``size`` is (H, W) and uses a Lanczos filter; JPEGs
+    are decoded at a reduced scale first when much larger than ``size`` (``Image.draft``).
+    ``invert`` maps p -> 255 - p (Omniglot: ink bright on a dark background)."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        if isinstance(data, (str, os.PathLike)):
+            img = Image.open(data)
+        else:
+            img = Image.open(io.BytesIO(bytes(data) if isinstance(data, np.ndarray) else data))
+        if size is not None and img.format == "JPEG":
+            img.draft(mode, (size[1], size[0]))
+        img = img.convert(mode)
+        if size is not None and (img.height, img.width) != tuple(size):
+            img = img.resize((size[1], size[0]), _resample())
+        arr = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e}); the file is "
+                        "corrupt or not an image, replace it from the original archive") from None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if invert:
+        arr = 255 - arr
+    return np.ascontiguousarray(arr)
+
+
+def _decode_job(job):
+    name, data, size, mode, invert = job
+    return decode_image(data, name=name, size=size, mode=mode, invert=invert)
+
+
+class Decoder:
+    """Decode batches of images, in a process pool when there are enough of them.
+
+    Create it *before* opening a :class:`~fewshot.data.store.StoreWriter` (the pool forks)."""
+
+    def __init__(self, size: Optional[Tuple[int, int]], mode: str = "RGB", invert: bool = False,
+                 workers: Optional[int] = None):
+        self.size, self.mode, self.invert = size, mode, invert
+        self.workers = default_workers() if workers is None else max(1, int(workers))
+        self._pool = None
+
+    def __enter__(self) -> "Decoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def start(self) -> "Decoder":
+        """Start the pool now (call before opening files that must not be open in a fork)."""
+        if self.workers > 1 and self._pool is None:
+            methods = mp.get_all_start_methods()
+            ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+            self._pool = ctx.Pool(self.workers)
+        return self
+
+    def decode(self, items: Sequence[Tuple[str, object]]) -> np.ndarray:
+        """``items`` = [(name, bytes or path), ...] -> (n, H, W, C) uint8 in the same order."""
+        jobs = [(name, data, self.size, self.mode, self.invert) for name, data in items]
+        if not jobs:
+            c = 1 if self.mode == "L" else 3
+            h, w = self.size if self.size else (0, 0)
+            return np.empty((0, h, w, c), dtype=np.uint8)
+        if self.workers > 1 and len(jobs) >= POOL_MIN_JOBS:
+            self.start()
+            chunk = max(8, len(jobs) // (self.workers * 8))
+            arrays = list(self._pool.imap(_decode_job, jobs, chunksize=chunk))
+        else:
+            arrays = [_decode_job(j) for j in jobs]
+        first = arrays[0].shape
+        for (name, _), a in zip(items, arrays):
+            if a.shape != first:
+                raise DataError(f"{name}: image is {a.shape[1]}x{a.shape[0]}, others are "
+                                f"{first[1]}x{first[0]}; pass image_size=N to resize all")
+        return np.stack(arrays)
+
+
+# --------------------------------------------------------------------------------------- input
+def require_dir(path: Union[str, os.PathLike], what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"{p}: not found; {what}")
+    return p
+
+
+def find_file(base: Path, names: Sequence[str], what: str) -> Path:
+    """The first of ``names`` found directly in ``base`` or one level down."""
+    for n in names:
+        if (base / n).exists():
+            return base / n
+    for n in names:
+        hits = sorted(base.glob(f"*/{n}"))
+        if hits:
+            return hits[0]
+    raise DataError(f"{base}: no {' or '.join(names)} found; {what}")
+
+
+class FileTree:
+    """Uniform read access to an extracted folder or a zip archive of images."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._zip = None
+        if self.path.is_file():
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except (zipfile.BadZipFile, OSError) as e:
+                raise DataError(f"{self.path}: not a readable zip archive ({e}); re-download "
+                                "it") from None
+
+    def files(self, suffixes: Tuple[str, ...]) -> list[str]:
+        """Relative paths (with '/') of the files with one of ``suffixes`` (lower-case)."""
+        if self._zip is not None:
+            return sorted(n for n in self._zip.namelist()
+                          if not n.endswith("/") and n.lower().endswith(suffixes)
+                          and "__MACOSX" not in n)
+        out = []
+        for root, _dirs, files in os.walk(self.path):
+            for f in files:
+                if f.lower().endswith(suffixes):
+                    out.append(Path(root, f).relative_to(self.path).as_posix())
+        return sorted(out)
+
+    def read(self, rel: str) -> bytes:
+        try:
+            if self._zip is not None:
+                return self._zip.read(rel)
+            return (self.path / rel).read_bytes()
+        except (KeyError, OSError, zipfile.BadZipFile) as e:
+            raise DataError(f"{self.path}!{rel}: cannot read ({e}); the archive is damaged, "
+                            "re-download it") from None
+
+    def name(self, rel: str) -> str:
+        return f"{self.path}!{rel}" if self._zip is not None else str(self.path / rel)
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+
+    def __enter__(self) -> "FileTree":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_text_lines(path: Path) -> Iterator[Tuple[int, str]]:
+    """(line number, stripped line) of the non-empty lines of a text file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read as UTF-8 text ({e})") from None
+    for i, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if line:
+            yield i, line
