@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import socket
 import time
@@ -99,6 +100,7 @@ class DistContext:
 
 
 _CTX = DistContext()
+_FAILED = False  # a collective of this process failed (shutdown then does not wait)
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -212,13 +214,55 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = DEFAULT_TIME
     return _CTX
 
 
-def shutdown() -> None:
-    """Leave the process group (no-op when none). Safe to call twice."""
-    global _CTX
+def shutdown(wait_s: Optional[float] = None) -> None:
+    """Leave the process group (no-op when none). Safe to call twice.
+
+    Ranks first meet on the rendezvous store (not a collective, so it cannot pair with a
+    collective another rank is stuck in) for at most ``wait_s`` seconds, then destroy the
+    process group; rank 0, which hosts the store, then waits (at most ``wait_s``) until every
+    rank has destroyed its own, so that no rank's exit races the store going away (a rare
+    ``terminate called without an active exception`` abort at exit otherwise).
+    ``wait_s=None`` is 30 s, or 0 once a collective of this process has failed (the other
+    ranks may be gone).
+    """
+    global _CTX, _FAILED
+    if wait_s is None:
+        wait_s = 0.0 if _FAILED else 30.0
     if dist.is_available() and dist.is_initialized():
+        store = None
+        with contextlib.suppress(Exception):
+            store = dist.distributed_c10d._get_default_store()
+        world = dist.get_world_size()
+        me = dist.get_rank()
+        if store is not None and wait_s > 0 and world > 1:
+            _store_meet(store, "fewshot/shutdown/arrived", world, wait_s)
         with contextlib.suppress(RuntimeError, ValueError):
             dist.destroy_process_group()
+        if store is not None and wait_s > 0 and world > 1:
+            if me == 0:
+                _store_meet(store, "fewshot/shutdown/destroyed", world, wait_s)
+            else:
+                with contextlib.suppress(Exception):
+                    store.add("fewshot/shutdown/destroyed", 1)
+        del store
+        gc.collect()
     _CTX = DistContext(device=_CTX.device, timeout_s=_CTX.timeout_s)
+    _FAILED = False
+
+
+def _store_meet(store, key: str, world: int, wait_s: float) -> bool:
+    """Count this rank in ``key`` and wait until ``world`` ranks have (False on timeout)."""
+    try:
+        n = store.add(key, 1)
+        deadline = time.monotonic() + wait_s
+        while n < world:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+            n = store.add(key, 0)
+        return True
+    except Exception:  # noqa: BLE001 - the store is gone: the others have left already
+        return False
 
 
 def context() -> DistContext:
@@ -255,10 +299,12 @@ def _first_line(e: BaseException) -> str:
 @contextlib.contextmanager
 def _collective(what: str) -> Iterator[None]:
     """Turn a failed or timed-out collective into one readable :class:`DistributedError`."""
+    global _FAILED
     t0 = time.monotonic()
     try:
         yield
     except (RuntimeError, ValueError) as e:
+        _FAILED = True
         waited = time.monotonic() - t0
         timeout = _CTX.timeout_s
         cause = ("timed out" if waited >= 0.9 * timeout else "failed")
