@@ -60,6 +60,9 @@ def decode_image(data: Union[bytes, bytearray, memoryview, np.ndarray, str, os.P
         if size is not None and (img.height, img.width) != tuple(size):
             img = img.resize((size[1], size[0]), _resample())
         arr = np.asarray(img, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"{name}: image file not found; the dataset folder is incomplete, "
+                        "extract the original archive again") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e}); the file is "
                         "corrupt or not an image, replace it from the original archive") from None

@@ -1,0 +1,193 @@
+"""Dataset preparation: convert files a user has into stores, describe and verify stores.
+
+The CLI (``fewshot data prepare|info|verify|download``) calls these functions and prints what
+they return; none of them prints.
+
+======================  ==========================================  ===========================
+name                    ``--from`` expects                          stores (splits)
+======================  ==========================================  ===========================
+``glyphs``              nothing (generated from a seed)             train, val, test
+``omniglot``            folder with images_background.zip and      train, val, test (Vinyals)
+                        images_evaluation.zip (or extracted)        or background, evaluation
+``mini-imagenet``       mini-imagenet-cache-*.pkl, or images/ +     train, val, test
+                        Ravi's train/val/test.csv
+``tiered-imagenet``     {split}_images_png.pkl + {split}_labels.pkl train, val, test
+``cifar10``             cifar-10-batches-py/                        train, test
+``cifar100``            cifar-100-python/                           train, test
+``tiny-imagenet``       tiny-imagenet-200/                          train, val
+======================  ==========================================  ===========================
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from fewshot.data.store import (FORMAT_VERSION, ImageStore, available_splits, data_root,
+                                store_path)
+from fewshot.errors import ConfigError, DataError, unknown_name
+
+DATASETS = ("glyphs", "omniglot", "mini-imagenet", "tiered-imagenet", "cifar10", "cifar100",
+            "tiny-imagenet")
+
+#: (module, extra fixed keyword arguments) of each dataset's converter
+_CONVERTERS = {
+    "omniglot": ("fewshot.data.sources.omniglot", {}),
+    "mini-imagenet": ("fewshot.data.sources.mini_imagenet", {}),
+    "tiered-imagenet": ("fewshot.data.sources.tiered_imagenet", {}),
+    "cifar10": ("fewshot.data.sources.cifar", {"name": "cifar10"}),
+    "cifar100": ("fewshot.data.sources.cifar", {"name": "cifar100"}),
+    "tiny-imagenet": ("fewshot.data.sources.tiny_imagenet", {}),
+}
+
+#: published sizes: split -> (classes, images per class or None when it varies)
+REFERENCE: Dict[str, Dict[str, tuple]] = {
+    "omniglot": {"train": (4112, 20), "val": (688, 20), "test": (1692, 20),
+                 "background": (964, 20), "evaluation": (659, 20)},
+    "mini-imagenet": {"train": (64, 600), "val": (16, 600), "test": (20, 600)},
+    "tiered-imagenet": {"train": (351, None), "val": (97, None), "test": (160, None)},
+    "cifar10": {"train": (10, 5000), "test": (10, 1000)},
+    "cifar100": {"train": (100, 500), "test": (100, 100)},
+    "tiny-imagenet": {"train": (200, 500), "val": (200, 50)},
+    "glyphs": {"train": (800, 20), "val": (200, 20), "test": (200, 20)},
+}
+
+
+def _check_name(name: str) -> str:
+    if name not in DATASETS:
+        raise DataError(unknown_name("dataset", name, DATASETS))
+    return name
+
+
+def _coerce(value, default):
+    """CLI options arrive as strings: convert to the type of the parameter's default."""
+    if not isinstance(value, str):
+        return value
+    if isinstance(default, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        return value
+    if isinstance(default, int) or (default is None and value.isdigit()):
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    if isinstance(default, tuple):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return value
+
+
+def _call(fn, name: str, fixed: dict, opts: dict, *args):
+    params = inspect.signature(fn).parameters
+    allowed = [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY and p not in fixed
+               and p != "dataset"]
+    kwargs = dict(fixed)
+    for key, value in opts.items():
+        if key not in allowed:
+            raise ConfigError(f"option '{key}' is not understood by `fewshot data prepare {name}`"
+                              f": {unknown_name('option', key, allowed)}")
+        default = params[key].default
+        kwargs[key] = _coerce(value, None if default is inspect.Parameter.empty else default)
+    return fn(*args, **kwargs)
+
+
+def prepare(name: str, from_path=None, root=None, **opts) -> List[Path]:
+    """Convert ``name`` from ``from_path`` into ``<root>/<name>/<split>.h5``; returns the paths.
+
+    ``glyphs`` needs no ``from_path`` (options: seed, per_class, size). Other options are
+    passed to the dataset's converter (e.g. omniglot ``splits='official'``, ``split_lists=DIR``,
+    ``image_size=28``; mini-imagenet ``split_csvs=DIR``; ``workers=N`` for decoding)."""
+    _check_name(name)
+    out_dir = data_root(root) / name
+    if name == "glyphs":
+        if from_path is not None:
+            raise ConfigError(f"glyphs are generated and read no files: drop --from "
+                              f"'{from_path}' (run `fewshot data prepare glyphs`)")
+        from fewshot.data.sources import glyphs
+        params = inspect.signature(glyphs.prepare).parameters
+        allowed = [p for p in params if p not in ("root", "from_path")]
+        kw = {}
+        for k, v in opts.items():
+            if k not in allowed:
+                raise ConfigError(f"option '{k}' is not understood by `fewshot data prepare "
+                                  f"glyphs`: {unknown_name('option', k, allowed)}")
+            d = params[k].default
+            kw[k] = _coerce(v, None if d is inspect.Parameter.empty else d)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return [Path(p) for p in glyphs.prepare(out_dir, **kw)]
+    if from_path is None:
+        raise DataError(f"`fewshot data prepare {name}` needs --from PATH (the downloaded files; "
+                        f"see datasets/{name}/README.md), or run `fewshot data download {name}`")
+    module, fixed = _CONVERTERS[name]
+    conv = importlib.import_module(module).convert
+    return [Path(p) for p in _call(conv, name, dict(fixed, dataset=name), opts,
+                                   Path(from_path).expanduser(), out_dir)]
+
+
+def download(name: str, root=None, **opts) -> List[Path]:
+    """Download ``name`` with its library's downloader (checksummed) and convert it."""
+    _check_name(name)
+    if name == "glyphs":
+        return prepare(name, None, root, **opts)
+    from fewshot.data.sources.download import fetch
+    raw_dir = opts.pop("raw_dir", None)
+    out_dir = data_root(root) / name
+    src = fetch(name, out_dir, raw_dir)
+    return prepare(name, src, root, **opts)
+
+
+def _splits_or_raise(name: str, root) -> List[str]:
+    _check_name(name)
+    splits = available_splits(name, root)
+    if not splits:
+        hint = "" if name == "glyphs" else " --from PATH"
+        raise DataError(f"{data_root(root) / name}: dataset '{name}' is not prepared; run "
+                        f"`fewshot data prepare {name}{hint}` (see datasets/{name}/README.md)")
+    order = {"train": 0, "val": 1, "test": 2}
+    return sorted(splits, key=lambda s: (order.get(s, 3), s))
+
+
+def info(name: str, root=None) -> dict:
+    """Summary of a prepared dataset: per split classes, images, images per class (min/max),
+    image size, per-channel mean/std, source and checksum."""
+    out = {"dataset": name, "root": str(data_root(root)), "format_version": FORMAT_VERSION,
+           "splits": {}}
+    for split in _splits_or_raise(name, root):
+        path = store_path(name, split, root)
+        with ImageStore.open(path, in_memory=False) as s:
+            counts = s.class_counts()
+            out["splits"][split] = {
+                "path": str(path), "classes": s.num_classes, "images": len(s),
+                "per_class_min": int(counts.min()), "per_class_max": int(counts.max()),
+                "image_shape": list(s.image_shape), "mean": list(s.mean), "std": list(s.std),
+                "source": s.source, "checksum": s.checksum,
+                "size_bytes": path.stat().st_size}
+    shapes = {tuple(v["image_shape"]) for v in out["splits"].values()}
+    out["image_shape"] = list(shapes.pop()) if len(shapes) == 1 else None
+    out["classes"] = sum(v["classes"] for v in out["splits"].values())
+    return out
+
+
+def verify(name: str, root=None) -> dict:
+    """Verify every store of ``name`` (shapes, dtypes, labels, offsets, sha256 checksum) and
+    compare class counts with the published sizes (``matches_reference``; None when the split
+    has no reference). Raises :class:`DataError` on the first broken store."""
+    out = {"dataset": name, "root": str(data_root(root)), "splits": {}, "ok": True}
+    for split in _splits_or_raise(name, root):
+        with ImageStore.open(store_path(name, split, root), in_memory=False) as s:
+            summary = s.verify()
+        ref = REFERENCE.get(name, {}).get(split)
+        if ref is None:
+            summary["matches_reference"] = None
+        else:
+            k, per = ref
+            summary["reference"] = {"classes": k, "per_class": per}
+            summary["matches_reference"] = bool(
+                summary["classes"] == k and (per is None or summary["per_class_min"] ==
+                                             summary["per_class_max"] == per))
+        summary["image_shape"] = list(summary["image_shape"])
+        out["splits"][split] = summary
+    return out
