@@ -619,8 +619,9 @@ class Trainer:
                                                 f"{step - count + 1}..{step}; last finite metrics: "
                                                 f"{_fmt_metrics(history_last)}; lower the learning rate")
                         elapsed = time.perf_counter() - window_t0
-                        row = {"split": "train", "step": step, **row,
-                               "lr": self._lr(), "steps_per_s": count / max(elapsed, 1e-9)}
+                        rate = count / max(elapsed, 1e-9)
+                        row = {"split": "train", "step": step, **row, "lr": self._lr(),
+                               "steps_per_s": rate, "items_per_s": rate * per_step_items}
                         history_last = {k: v for k, v in row.items() if k not in ("split",)}
                         if self.is_writer:
                             mfile.write(json.dumps(row) + "\n")
