@@ -1,0 +1,313 @@
+"""ImageStore / StoreWriter / safe_load: round trips, atomicity, laziness, integrity."""
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from fewshot.data.safe_pickle import safe_load
+from fewshot.data.store import (FORMAT_VERSION, ImageStore, StoreWriter, data_root,
+                                fits_in_memory, open_split, store_path, write_store)
+from fewshot.errors import DataError
+
+torch.manual_seed(0)
+
+
+def _arrays(rng, n=60, k=5, shape=(9, 7, 3)):
+    x = rng.integers(0, 256, (n,) + shape, dtype=np.uint8)
+    y = rng.permutation(np.arange(n) % k)
+    return x, y, [f"c{i}" for i in range(k)]
+
+
+def test_paths(tmp_path, monkeypatch):
+    monkeypatch.delenv("FEWSHOT_DATA", raising=False)
+    assert data_root() == data_root(None) and str(data_root()) == "datasets"
+    monkeypatch.setenv("FEWSHOT_DATA", str(tmp_path))
+    assert store_path("omniglot", "train") == tmp_path / "omniglot" / "train.h5"
+    assert store_path("x", "val", "/r") == data_root("/r") / "x" / "val.h5"
+
+
+def test_round_trip_sorted_stats_checksum(tmp_path, rng):
+    x, y, names = _arrays(rng)
+    p = write_store(tmp_path / "a.h5", x, y, names, dataset="toy", split="train", source="mem")
+    order = np.argsort(y, kind="stable")
+    with ImageStore.open(p, in_memory=True) as s:
+        assert s.in_memory and isinstance(s.images, np.ndarray)
+        np.testing.assert_array_equal(s.images, x[order])
+        np.testing.assert_array_equal(s.labels, y[order])
+        assert s.labels.dtype == np.int64 and np.all(np.diff(s.labels) >= 0)
+        np.testing.assert_array_equal(s.class_counts(), np.bincount(y))
+        np.testing.assert_array_equal(s.class_offsets, np.r_[0, np.cumsum(np.bincount(y))])
+        assert (s.dataset, s.split, s.source, s.class_names) == ("toy", "train", "mem", names)
+        assert s.image_shape == (9, 7, 3) and len(s) == 60 and s.num_classes == 5
+        ref = x.reshape(-1, 3).astype(np.float64) / 255
+        np.testing.assert_allclose(s.mean, ref.mean(0), atol=1e-12)
+        np.testing.assert_allclose(s.std, ref.std(0), atol=1e-12)
+        assert s.checksum == "sha256:" + hashlib.sha256(x[order].tobytes()).hexdigest()
+        t = s.images_tensor()
+        assert t.dtype == torch.uint8 and t.data_ptr() == s.images.ctypes.data  # no copy
+    with h5py.File(p, "r") as f:
+        assert f.attrs["format_version"] == FORMAT_VERSION and bool(f.attrs["complete"])
+
+
+def test_grayscale_and_class_info(tmp_path, rng):
+    x = rng.integers(0, 256, (6, 5, 5), dtype=np.uint8)  # (n, H, W) -> C = 1
+    with StoreWriter(tmp_path / "g.h5", ["a", "b"], dataset="d", split="s", source="t",
+                     class_info={"alphabet": ["A", "B"]}) as w:
+        w.add(x[:2], 0)
+        w.add_class(1, x[2:])
+    s = ImageStore.open(tmp_path / "g.h5")
+    assert s.image_shape == (5, 5, 1) and s.class_info == {"alphabet": ["A", "B"]}
+    np.testing.assert_array_equal(s.images[..., 0], x)
+
+
+def test_lazy_reads_match_and_reopen_after_pickle(tmp_path, rng):
+    x, y, names = _arrays(rng, n=80)
+    p = write_store(tmp_path / "a.h5", x, y, names, dataset="toy", split="train", source="m")
+    ref = ImageStore.open(p, in_memory=True).images
+    s = ImageStore.open(p, in_memory=False)
+    assert not s.in_memory and isinstance(s.images, h5py.Dataset)
+    idx = np.array([79, 3, 3, 0, 41, 42, 43, 5])  # unsorted, repeated, runs
+    np.testing.assert_array_equal(s.read(idx), ref[idx])
+    np.testing.assert_array_equal(s.read(np.array([1, 2, 9])), ref[[1, 2, 9]])
+    assert s.read(np.array([], dtype=np.int64)).shape == (0, 9, 7, 3)
+    with pytest.raises(DataError, match="out of range"):
+        s.read(np.array([80]))
+    with pytest.raises(DataError, match="lazy"):
+        s.images_tensor()
+    clone = pickle.loads(pickle.dumps(s))  # DataLoader workers (spawn) reopen by path
+    np.testing.assert_array_equal(clone.read(idx), ref[idx])
+    s.close()
+    clone.close()
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_lazy_memory_bounded(tmp_path):
+    """Reading many episodes from a 48 MB lazy store keeps RSS growth far below the file
+    size; loading it in memory grows RSS by about the file size (so the check can fail)."""
+    n, shape = 2000, (84, 84, 3)
+    block = np.arange(200 * 84 * 84 * 3, dtype=np.uint64).astype(np.uint8).reshape((200,) + shape)
+    with StoreWriter(tmp_path / "big.h5", [f"c{i}" for i in range(20)], dataset="big",
+                     split="train", source="synthetic", num_images=n) as w:
+        for c in range(20):
+            w.add(block[:100], c)
+    nbytes = n * 84 * 84 * 3
+    gen = np.random.default_rng(1)
+    s = ImageStore.open(tmp_path / "big.h5", in_memory=False)
+    s.read(gen.integers(0, n, 50))
+    before = _rss()
+    for _ in range(100):
+        assert s.read(gen.integers(0, n, 80)).shape == (80,) + shape
+    grown = _rss() - before
+    assert grown < nbytes // 4, (grown, nbytes)
+    s.close()
+    before = _rss()
+    m = ImageStore.open(tmp_path / "big.h5", in_memory=True)
+    assert _rss() - before > nbytes * 0.9
+    del m
+
+
+def test_fits_in_memory_env(monkeypatch):
+    monkeypatch.setenv("FEWSHOT_IN_MEMORY_MAX", "1000")
+    assert fits_in_memory(1000) and not fits_in_memory(1001)
+    monkeypatch.setenv("FEWSHOT_IN_MEMORY_MAX", "lots")
+    with pytest.raises(DataError, match="FEWSHOT_IN_MEMORY_MAX"):
+        fits_in_memory(1)
+
+
+def test_default_open_respects_limit(tmp_path, rng, monkeypatch):
+    x, y, names = _arrays(rng)
+    p = write_store(tmp_path / "a.h5", x, y, names, dataset="t", split="s", source="m")
+    monkeypatch.setenv("FEWSHOT_IN_MEMORY_MAX", str(x.nbytes - 1))
+    assert not ImageStore.open(p).in_memory
+    monkeypatch.setenv("FEWSHOT_IN_MEMORY_MAX", str(x.nbytes))
+    assert ImageStore.open(p).in_memory
+
+
+def test_atomic_write_leaves_nothing_on_exception(tmp_path, rng):
+    x, y, names = _arrays(rng)
+    target = tmp_path / "d" / "train.h5"
+    with pytest.raises(RuntimeError, match="boom"):
+        with StoreWriter(target, names, dataset="t", split="train", source="m") as w:
+            w.add(x[:10], 0)
+            raise RuntimeError("boom")
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    # an existing good store survives a failed rewrite untouched
+    write_store(target, x, y, names, dataset="t", split="train", source="m")
+    digest = ImageStore.open(target).checksum
+    with pytest.raises(DataError, match="class order"):
+        with StoreWriter(target, names, dataset="t", split="train", source="m") as w:
+            w.add(x[:5], 3)
+            w.add(x[5:10], 1)
+    assert ImageStore.open(target).checksum == digest
+    assert sorted(p.name for p in target.parent.iterdir()) == ["train.h5"]
+
+
+def test_writer_refuses_bad_input(tmp_path, rng):
+    x, _, names = _arrays(rng)
+    p = tmp_path / "b.h5"
+    cases = [
+        (lambda w: w.add(x.astype(np.float32), 0), "uint8"),
+        (lambda w: w.add(x[:3], [0, 1]), "3 images but 2 labels"),
+        (lambda w: w.add(x[:3], 9), "outside"),
+        (lambda w: (w.add(x[:3], 0), w.add(x[:3, :4], 1)), "resize"),
+        (lambda w: w.add(x[:3], 0), "no images"),  # classes 1..4 empty
+    ]
+    for action, msg in cases:
+        with pytest.raises(DataError, match=msg):
+            with StoreWriter(p, names, dataset="t", split="s", source="m") as w:
+                action(w)
+        assert not p.exists() and not list(tmp_path.glob("*.tmp-*"))
+    with pytest.raises(DataError, match="duplicate"):
+        StoreWriter(p, ["a", "a"], dataset="t", split="s", source="m")
+
+
+def test_open_refuses_foreign_incomplete_wrong_version(tmp_path, rng):
+    x, y, names = _arrays(rng)
+    good = write_store(tmp_path / "g.h5", x, y, names, dataset="t", split="s", source="m")
+    with pytest.raises(DataError, match="not found"):
+        ImageStore.open(tmp_path / "missing.h5")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
+    with pytest.raises(DataError, match="not a readable HDF5"):
+        ImageStore.open(tmp_path / "junk.h5")
+    with h5py.File(tmp_path / "foreign.h5", "w") as f:
+        f["images"] = np.zeros((1, 2, 2, 1), np.uint8)
+    with pytest.raises(DataError, match="not a fewshot image store"):
+        ImageStore.open(tmp_path / "foreign.h5")
+    for attr, value, msg in (("complete", False, "incomplete"),
+                             ("format_version", FORMAT_VERSION + 1, "format version")):
+        bad = tmp_path / f"{attr}.h5"
+        bad.write_bytes(good.read_bytes())
+        with h5py.File(bad, "r+") as f:
+            f.attrs[attr] = value
+        with pytest.raises(DataError, match=msg):
+            ImageStore.open(bad)
+
+
+def test_verify_detects_corruption(tmp_path, rng):
+    x, y, names = _arrays(rng)
+    p = write_store(tmp_path / "v.h5", x, y, names, dataset="t", split="s", source="m")
+    rep = ImageStore.open(p).verify()
+    assert rep["ok"] and rep["images"] == 60 and rep["classes"] == 5
+    assert (rep["per_class_min"], rep["per_class_max"]) == (12, 12)
+    with h5py.File(p, "r+") as f:
+        f["images"][7, 0, 0, 0] ^= 1
+    with pytest.raises(DataError, match="checksum mismatch"):
+        ImageStore.open(p, in_memory=False).verify()
+    p2 = write_store(tmp_path / "w.h5", x, y, names, dataset="t", split="s", source="m")
+    with h5py.File(p2, "r+") as f:
+        lab = f["labels"][()]
+        f["labels"][...] = lab[::-1]
+    with pytest.raises(DataError, match="not sorted"):
+        ImageStore.open(p2).verify()
+
+
+def test_union_renumbers_and_pools_statistics(tmp_path, rng):
+    xa, ya, _ = _arrays(rng, n=32, k=16, shape=(6, 6, 3))
+    xb, yb, _ = _arrays(rng, n=40, k=20, shape=(6, 6, 3))
+    pa = write_store(tmp_path / "val.h5", xa, ya, [f"v{i}" for i in range(16)],
+                     dataset="mini", split="val", source="m")
+    pb = write_store(tmp_path / "test.h5", xb, yb, [f"t{i}" for i in range(20)],
+                     dataset="mini", split="test", source="m")
+    for lazy in (False, True):
+        a, b = ImageStore.open(pa, in_memory=not lazy), ImageStore.open(pb, in_memory=not lazy)
+        u = ImageStore.union([a, b], "val+test")
+        assert u.num_classes == 36 and len(u) == 72 and u.split == "val+test"
+        assert u.in_memory is (not lazy)
+        np.testing.assert_array_equal(u.labels, np.r_[a.labels, b.labels + 16])
+        assert u.class_names == a.class_names + b.class_names
+        idx = np.array([71, 0, 40, 31, 32])
+        both = np.concatenate([a.read(np.arange(32)), b.read(np.arange(40))])
+        np.testing.assert_array_equal(u.read(idx), both[idx])
+        pix = both.reshape(-1, 3) / 255.0
+        np.testing.assert_allclose(u.mean, pix.mean(0), atol=1e-12)
+        np.testing.assert_allclose(u.std, pix.std(0), atol=1e-12)
+        assert u.verify()["classes"] == 36
+        u.close()
+    with pytest.raises(DataError, match="disjoint"):
+        ImageStore.union([ImageStore.open(pa), ImageStore.open(pa)], "x")
+    c = ImageStore.from_arrays(np.zeros((2, 5, 5, 3), np.uint8), [0, 1], ["p", "q"])
+    with pytest.raises(DataError, match="image shapes differ"):
+        ImageStore.union([ImageStore.open(pa), c], "x")
+
+
+def test_open_split_and_plus_syntax(tmp_path, rng):
+    x, y, names = _arrays(rng, n=20, k=4)
+    for split, pre in (("val", "v"), ("test", "t")):
+        write_store(store_path("mini", split, tmp_path), x, y, [pre + n for n in names],
+                    dataset="mini", split=split, source="m")
+    s = open_split("mini", "val+test", root=tmp_path)
+    assert s.num_classes == 8 and len(s) == 40
+    with pytest.raises(DataError, match="no split 'train'.*val"):
+        open_split("mini", "train", root=tmp_path)
+    with pytest.raises(DataError, match="fewshot data prepare omniglot --from PATH"):
+        open_split("omniglot", "train", root=tmp_path)
+    with pytest.raises(DataError, match=r"fewshot data prepare glyphs`"):
+        open_split("glyphs", "train", root=tmp_path)
+
+
+def test_from_arrays_sorts(rng):
+    x, y, names = _arrays(rng, n=10, k=2)
+    s = ImageStore.from_arrays(x, y, names)
+    order = np.argsort(y, kind="stable")
+    np.testing.assert_array_equal(s.images, x[order])
+    assert s.in_memory and s.path is None
+    with pytest.raises(DataError, match="labels must lie"):
+        ImageStore.from_arrays(x, y + 5, names)
+
+
+# ---------------------------------------------------------------------------------- safe_load
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_safe_load_refuses_code(tmp_path):
+    p = tmp_path / "evil.pkl"
+    p.write_bytes(pickle.dumps({"image_data": _Evil()}))
+    with pytest.raises(DataError) as e:
+        safe_load(p)
+    assert str(p) in str(e.value) and "system" in str(e.value) and "forbidden" in str(e.value)
+    evil_eval = b"cbuiltins\neval\n(V__import__('os')\ntR."
+    with pytest.raises(DataError, match="builtins.eval"):
+        safe_load(evil_eval)
+    with pytest.raises(DataError, match="posix.system|os.system"):
+        safe_load(pickle.dumps(_Evil(), protocol=0))
+
+
+def test_safe_load_accepts_dataset_pickles(tmp_path):
+    arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    obj = {"a": arr, "b": [1, 2.5, "s", b"raw", None, True], "c": (np.float32(1.5),),
+           "d": collections.OrderedDict(x=np.dtype("int64")), "e": {1, 2}}
+    for proto in (0, 2, 4, 5):
+        got = safe_load(pickle.dumps(obj, protocol=proto))
+        np.testing.assert_array_equal(got["a"], arr)
+        assert got["b"] == obj["b"] and got["d"]["x"] == np.dtype("int64") and got["e"] == {1, 2}
+    dd = collections.defaultdict(list, {"k": [1]})
+    assert safe_load(pickle.dumps(dd))["k"] == [1]
+    # Python 2 style: str keys are bytes under encoding="bytes" (CIFAR batches)
+    py2 = (b"\x80\x02}q\x00(U\x04dataq\x01]q\x02(K\x01K\x02eU\x06labelsq\x03]q\x04K\x07au.")
+    assert safe_load(py2, encoding="bytes") == {b"data": [1, 2], b"labels": [7]}
+    assert safe_load(py2) == {"data": [1, 2], "labels": [7]}
+
+
+def test_safe_load_bad_files(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        safe_load(tmp_path / "nope.pkl")
+    p = tmp_path / "cut.pkl"
+    p.write_bytes(pickle.dumps({"x": list(range(100))})[:-10])
+    with pytest.raises(DataError, match=f"{p}.*not a valid pickle"):
+        safe_load(p)
