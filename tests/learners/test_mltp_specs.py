@@ -75,20 +75,17 @@ def _pickle(obj) -> bytes:
     return pickle.dumps(obj, protocol=2)
 
 
-def _tar(path, prefix, members):
-    import io
-    import tarfile
-
-    with tarfile.open(path, "w:gz") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(f"{prefix}/{name}")
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
+def _extracted(tmp, prefix, members):
+    """The folder that extracting the official tarball gives (what the converter reads)."""
+    folder = tmp / prefix
+    folder.mkdir(parents=True)
+    for name, data in members.items():
+        (folder / name).write_bytes(data)
+    return tmp
 
 
 def cifar10_tar(tmp, per_class=2, seed=0):
-    """cifar-10-python.tar.gz in the official layout: 5 data batches, test_batch, batches.meta
+    """cifar-10-python.tar.gz, extracted: the official layout: 5 data batches, test_batch, batches.meta
     (dicts with bytes keys, data (N, 3072) uint8 in CHW order, labels a list of ints)."""
     import numpy as np
 
@@ -104,11 +101,11 @@ def cifar10_tar(tmp, per_class=2, seed=0):
                                  b"filenames": [f"{name}_{i}.png".encode() for i in range(len(labels))]})
     members["batches.meta"] = _pickle({b"num_cases_per_batch": 10 * per_class,
                                        b"label_names": names, b"num_vis": 3072})
-    return _tar(tmp / "cifar-10-python.tar.gz", "cifar-10-batches-py", members), images
+    return _extracted(tmp, "cifar-10-batches-py", members), images
 
 
 def cifar100_tar(tmp, per_class=2, seed=0):
-    """cifar-100-python.tar.gz: train, test, meta (fine/coarse labels and names)."""
+    """cifar-100-python.tar.gz, extracted: train, test, meta (fine/coarse labels and names)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -122,11 +119,11 @@ def cifar100_tar(tmp, per_class=2, seed=0):
                                  b"coarse_labels": [f // 5 for f in fine], b"data": data})
     members["meta"] = _pickle({b"fine_label_names": [f"class{i:03d}".encode() for i in range(100)],
                                b"coarse_label_names": [f"super{i:02d}".encode() for i in range(20)]})
-    return _tar(tmp / "cifar-100-python.tar.gz", "cifar-100-python", members), images
+    return _extracted(tmp, "cifar-100-python", members), images
 
 
 def tiny_zip(tmp, classes=3, per_class=2, seed=0):
-    """tiny-imagenet-200.zip: wnids.txt, words.txt, train/<wnid>/images/*.JPEG + boxes,
+    """tiny-imagenet-200.zip, extracted: wnids.txt, words.txt, train/<wnid>/images/*.JPEG + boxes,
     val/images/*.JPEG + val_annotations.txt, test/images/*.JPEG."""
     import io
     import zipfile
@@ -160,7 +157,9 @@ def tiny_zip(tmp, classes=3, per_class=2, seed=0):
                 ann.append(f"{name}\t{w}\t0\t0\t63\t63")
         z.writestr(f"{root}/val/val_annotations.txt", "\n".join(ann) + "\n")
         z.writestr(f"{root}/test/images/test_0.JPEG", jpeg())
-    return path
+    with zipfile.ZipFile(path) as z:
+        z.extractall(tmp / "extracted")
+    return tmp / "extracted"
 
 
 def _prepare_module(name):
