@@ -45,17 +45,19 @@ def rng():
 # ---------------------------------------------------------------------------------- CIFAR
 @pytest.fixture
 def fake_cifar10(tmp_path, rng):
-    """cifar-10-batches-py with 5 train batches of 6 images and a test batch of 5; keys are
+    """cifar-10-batches-py with 5 train batches of 6 images and a test batch of 10; keys are
     bytes (Python 2 pickles loaded with encoding='bytes')."""
     root = tmp_path / "cifar-10-batches-py"
     names = [f"class{i}" for i in range(10)]
     _pickle(root / "batches.meta", {b"label_names": [n.encode() for n in names],
                                     b"num_vis": 3072})
     truth = {"train": ([], []), "test": ([], [])}
-    for fname, split, n in [(f"data_batch_{i}", "train", 6) for i in range(1, 6)] + \
-            [("test_batch", "test", 5)]:
+    train_labels = rng.permutation(np.arange(30) % 10)  # every class in every split
+    for fname, split, n, labels in \
+            [(f"data_batch_{i}", "train", 6, train_labels[6 * i - 6:6 * i]) for i in range(1, 6)] \
+            + [("test_batch", "test", 10, rng.permutation(10))]:
         imgs = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        labels = rng.integers(0, 10, n).tolist()
+        labels = [int(v) for v in labels]
         data = imgs.transpose(0, 3, 1, 2).reshape(n, 3072)
         _pickle(root / fname, {b"batch_label": b"x", b"labels": labels, b"data": data,
                                b"filenames": [b"f.png"] * n})
@@ -73,9 +75,9 @@ def fake_cifar100(tmp_path, rng):
     _pickle(root / "meta", {b"fine_label_names": [n.encode() for n in fine],
                             b"coarse_label_names": [n.encode() for n in coarse]})
     truth = {}
-    for split, n in (("train", 40), ("test", 12)):
+    for split, n in (("train", 200), ("test", 100)):
         imgs = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        f = rng.integers(0, 100, n)
+        f = rng.permutation(np.arange(n) % 100)
         c = f // 5  # each fine class in one superclass
         _pickle(root / split, {b"data": imgs.transpose(0, 3, 1, 2).reshape(n, 3072),
                                b"fine_labels": f.tolist(), b"coarse_labels": c.tolist(),
@@ -132,6 +134,7 @@ def fake_mini_cache(tmp_path, rng):
 @pytest.fixture
 def fake_mini_jpeg(tmp_path):
     """images/ of flat-colour 40x30 JPEGs + Ravi-style CSVs (2 classes per split, 3 images)."""
+    tmp_path = tmp_path / "jpeg"
     truth = {}
     for s, split in enumerate(("train", "val", "test")):
         rows = []
@@ -176,6 +179,12 @@ def write_omniglot_zip(path: Path, top: str, chars: dict) -> None:
                 z.writestr(f"{top}/{alpha}/{char}/{cid:04d}_{d:02d}.png",
                            png_bytes((img * 255).astype(np.uint8), "1"))
             cid += 1
+
+
+@pytest.fixture
+def omniglot_tools():
+    """(omniglot_drawings, write_omniglot_zip) for tests that build their own zips."""
+    return omniglot_drawings, write_omniglot_zip
 
 
 @pytest.fixture

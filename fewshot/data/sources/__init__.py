@@ -63,7 +63,11 @@ def decode_image(data: Union[bytes, bytearray, memoryview, np.ndarray, str, os.P
     except FileNotFoundError:
         raise DataError(f"{name}: image file not found; the dataset folder is incomplete, "
                         "extract the original archive again") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise DataError(f"{name}: cannot decode image (not a recognised image format); the file "
+                        "is corrupt or not an image, replace it from the original archive") \
+            from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e}); the file is "
                         "corrupt or not an image, replace it from the original archive") from None
     if arr.ndim == 2:

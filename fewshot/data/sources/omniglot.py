@@ -221,6 +221,11 @@ def convert(from_path, out_dir, *, splits: str = "auto", split_lists: Optional[P
             for r in ROTATIONS:
                 lists[vinyals_split_of(*k)].append((k, r))
     for split, classes in lists.items():
+        if not classes:
+            raise DataError(f"{from_path}: no characters for the Vinyals '{split}' split (its "
+                            "alphabets are missing: these are not the official Omniglot sets); "
+                            "use splits='official' or pass split_lists=DIR")
+    for split, classes in lists.items():
         written.append(_write(out_dir / f"{split}.h5", classes, chars, split=split,
                               source=src, rotations=True, dataset=dataset))
     return written
