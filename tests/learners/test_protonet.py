@@ -99,3 +99,19 @@ def test_state_dict_round_trip(tiny_net, make_episode):
     a.eval(), b.eval()
     torch.testing.assert_close(a.predict(ep), b.predict(ep))
     assert b.steps_done == 1
+
+
+def test_autocast_distances_in_float32(tiny_net, make_episode):
+    """supports_autocast: under bf16 autocast the embedding runs in bf16, the distances in
+    float32, and the logits stay close to the float32 ones (bf16 has ~3 significant digits)."""
+    torch.manual_seed(5)
+    learner = build(tiny_net)
+    assert get_learner("protonet").supports_autocast
+    ep = make_episode(ways=3, shots=2, queries=3, noise=1.0)
+    learner.eval()
+    full = learner.predict(ep)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = learner.predict(ep)
+        m = learner.train_step([ep])
+    assert low.dtype == torch.float32 and m["loss"].dtype == torch.float32
+    torch.testing.assert_close(low, full, rtol=0.05, atol=0.05 * float(full.abs().max()))
