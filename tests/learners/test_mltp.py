@@ -23,6 +23,8 @@ try:
 except ImportError:  # the adapter lands separately; the learner only reads these four fields
     TaskPairBatch = namedtuple("TaskPairBatch", "x_i y_i x_j y_j")
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small convolutions on a shared 2-core machine
+
 CLASSES = 4
 
 
