@@ -182,6 +182,13 @@ def scenario_all(out: Path) -> None:
     local = episode_scores(learner, D.shard(eps, r, w))
     result["eval_local_n"] = len(local)
     result["eval"] = D.gather_per_episode(local, len(eps))
+    try:  # the runner's evaluation path (fewshot.evaluate) on the same shards
+        from fewshot.evaluate import evaluate_episodes, gather_accuracies, shard_indices
+    except ImportError:
+        result["eval_runner"] = None
+    else:
+        acc, _ = evaluate_episodes(learner, eps, shard_indices(len(eps), r, w))
+        result["eval_runner"] = gather_accuracies(acc, len(eps), r, w)
     # the mean of known gradients; a parameter without a gradient on one rank only
     a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2, dtype=torch.float64))
     a.grad = torch.full((3,), float(r + 1))

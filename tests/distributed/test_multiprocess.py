@@ -137,6 +137,12 @@ def test_sharded_evaluation_equals_single_process_table(two_ranks):
         assert [a for a, _ in got] == [a for a, _ in ref]  # accuracies exactly
         for (_, lg), (_, lr) in zip(got, ref):  # per-episode losses pin the order down
             assert abs(lg - lr) <= 1e-6 * max(1.0, abs(lr))
+    runner = [res["eval_runner"] for res in two_ranks]
+    if runner[0] is not None:  # fewshot.evaluate's sharded path gives the same table
+        from fewshot.evaluate import evaluate_episodes
+
+        single, _ = evaluate_episodes(learner, W.eval_episodes(), range(W.EVAL_EPISODES))
+        assert runner[0] == runner[1] == single
     accs = [a for a, _ in ref]
     assert len(set(round(l, 6) for _, l in ref)) == W.EVAL_EPISODES  # order is observable
     assert 0.0 < sum(accs) / len(accs) < 1.0
