@@ -296,19 +296,24 @@ class _MTL(Learner):
 
     # ------------------------------------------------------------------- the update
     def _adapt(self, x: Tensor, y: Tensor, differentiable: bool):
-        """θ_i after k inner steps, one per sub-batch of (x, y) (lines 5-6)."""
+        """θ_i after k inner steps, one per sub-batch of (x, y) (lines 5-6).
+
+        Returns the adapted network and the (loss, accuracy) of the last inner step's
+        sub-batch (Reptile's training metrics; no extra forward pass).
+        """
         batches = [b.to(x.device) for b in sub_batches(x.shape[0], self.config.inner_steps,
                                                        self.config.inner_batch, self._rng)]
-        losses = []
+        last = {}
 
         def loss_fn(net):
             b = batches[net.step]
-            loss = F.cross_entropy(net(x[b]), y[b])
-            losses.append(loss.detach())
+            logits = net(x[b])
+            loss = F.cross_entropy(logits, y[b])
+            last["loss"], last["acc"] = loss.detach(), accuracy(logits.detach(), y[b])
             return loss
 
         adapted = self.inner.adapt(loss_fn, differentiable=differentiable)
-        return adapted, losses
+        return adapted, last
 
     def _meta_side(self, episodes) -> Dict[str, Tensor]:
         """Leave the gradient of line 7 (MAML) or line 8 (Reptile) in ``.grad`` and step."""
@@ -329,12 +334,11 @@ class _MTL(Learner):
             for ep in episodes:
                 x = torch.cat([ep.support_x, ep.query_x])
                 y = torch.cat([ep.support_y, ep.query_y])
-                adapted, inner_losses = self._adapt(x, y, differentiable=False)
+                adapted, last = self._adapt(x, y, differentiable=False)
                 for acc_, new, old in zip(total, adapted.params, theta):
                     acc_.add_(new.detach() - old.detach())
-                losses.append(inner_losses[-1])
-                with torch.no_grad():
-                    accs.append(accuracy(adapted(x), y))
+                losses.append(last["loss"])
+                accs.append(last["acc"])
             # SGD on −mean(θ_i − θ) is θ + α_outer · mean(θ_i − θ) (line 8)
             index = {id(p): k for k, p in enumerate(theta)}
             for p in meta_params:
