@@ -163,7 +163,10 @@ class StoreWriter:
         self.tmp_path = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         self._file: Optional[h5py.File] = None
         self._images = None
-        self._n = 0
+        self._n = 0  # rows added
+        self._written = 0  # rows written to the file (the rest wait in _pending)
+        self._pending: list[np.ndarray] = []
+        self._pending_n = 0
         self._labels: list[np.ndarray] = []
         self._last_label = -1
         self._sha = hashlib.sha256()
@@ -233,16 +236,34 @@ class StoreWriter:
             raise DataError(f"{self.path}: rows must be added in class order (labels "
                             "non-decreasing); sort by label or use write_store")
         self._last_label = int(lab[-1])
-        end = self._n + n
+        self._labels.append(lab)
+        self._n += n
+        if n >= BLOCK_IMAGES:
+            self._flush()
+            self._write_rows(images)
+        else:  # small adds (one class of 20 images) are gathered into blocks: fewer h5py calls
+            self._pending.append(np.array(images, copy=True))
+            self._pending_n += n
+            if self._pending_n >= BLOCK_IMAGES:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            block = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._pending, self._pending_n = [], 0
+            self._write_rows(block)
+
+    def _write_rows(self, images: np.ndarray) -> None:
+        n = images.shape[0]
+        end = self._written + n
         if end > self._images.shape[0]:
             self._images.resize(max(end, int(self._images.shape[0] * 1.25)), axis=0)
         for s in range(0, n, BLOCK_IMAGES):
             block = np.ascontiguousarray(images[s:s + BLOCK_IMAGES])
-            self._images[self._n + s:self._n + s + block.shape[0]] = block
+            self._images[self._written + s:self._written + s + block.shape[0]] = block
             self._sha.update(memoryview(block).cast("B"))
             self._hist += _channel_hist(block)
-        self._labels.append(lab)
-        self._n = end
+        self._written = end
 
     def add_class(self, label: int, images: np.ndarray) -> None:
         """Append every image of class ``label`` (an index into ``class_names``)."""
@@ -250,6 +271,8 @@ class StoreWriter:
 
     def _finish(self) -> None:
         f = self._file
+        if self._images is not None:
+            self._flush()
         if self._n == 0 or self._images is None:
             raise DataError(f"{self.path}: no images were written; the source holds no images "
                             "for this split")
