@@ -535,31 +535,46 @@ def all_reduce_mean_grads(params: Iterable[torch.Tensor]) -> None:
     ``g ← 1/W Σ_r g_r``: with equal per-rank meta-batches this is the gradient of the
     global meta-batch mean (module docstring). Gradients are flattened into one buffer per
     dtype so a step costs one collective. A parameter without a gradient on this rank
-    contributes zeros, so every rank issues the same call (and the parameter then gets a
-    gradient, the mean of the others'). Raises :class:`DistributedError` when a rank died
-    or the collective timed out.
+    contributes zeros, so every rank issues the same call; a parameter without a gradient
+    on *every* rank keeps ``grad = None``, so the optimiser skips it exactly as it would in
+    one process (Adam or momentum would otherwise move it on a zero gradient). Raises
+    :class:`DistributedError` when a rank died or the collective timed out.
     """
     if not is_distributed():
         return
     params = [p for p in params]
     if not params:
         return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
     groups: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = {}
     for p in params:
-        groups.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+        g = p.grad if p.grad is not None else p
+        groups.setdefault((g.dtype, g.device), []).append(p)
     w = dist.get_world_size()
-    for (_, _), ps in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
-        flat = torch.cat([p.grad.reshape(-1) for p in ps])
+    for key in sorted(groups, key=lambda k: (str(k[0]), str(k[1]))):
+        ps = groups[key]
+        dtype, device = key
+        # one flag per parameter (1 = this rank has a gradient) rides in the same buffer
+        flags = torch.tensor([0.0 if p.grad is None else 1.0 for p in ps], dtype=dtype,
+                             device=device)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in ps] + [flags])
         with _collective("gradient all-reduce"):
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= w
+        n_flags = len(ps)
+        # read the flags (a host sync) only when this rank lacks a gradient: otherwise every
+        # parameter has one here, so none can be missing everywhere
+        local_missing = any(p.grad is None for p in ps)
+        had = flat[flat.numel() - n_flags:].tolist() if local_missing else [1.0] * n_flags
+        flat = flat[:flat.numel() - n_flags] / w
         offset = 0
-        for p in ps:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        for p, h in zip(ps, had):
+            n = p.numel()
+            if h == 0:  # no rank produced a gradient
+                p.grad = None
+            elif p.grad is None:
+                p.grad = flat[offset:offset + n].view_as(p).clone()
+            else:
+                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
             offset += n
 
 

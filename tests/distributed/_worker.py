@@ -191,10 +191,12 @@ def scenario_all(out: Path) -> None:
         result["eval_runner"] = gather_accuracies(acc, len(eps), r, w)
     # the mean of known gradients; a parameter without a gradient on one rank only
     a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    c = nn.Parameter(torch.zeros(2))
     a.grad = torch.full((3,), float(r + 1))
     b.grad = torch.full((2,), 4.0, dtype=torch.float64) if r == 0 else None
-    D.all_reduce_mean_grads([a, b])
+    D.all_reduce_mean_grads([a, c, b])
     result["mean_grads"] = [a.grad.clone(), b.grad.clone()]
+    result["grad_none_everywhere_stays_none"] = c.grad is None
     # object collectives
     result["broadcast"] = D.broadcast_object({"from": r, "seed": D.rank_seed(5, r)})
     result["gathered"] = D.all_gather_object(r * 10)

@@ -160,6 +160,7 @@ def test_object_collectives(two_ranks):
         a, b = res["mean_grads"]  # rank r's gradients: r + 1; b: 4 on rank 0, none on rank 1
         assert torch.equal(a, torch.full((3,), 1.5))
         assert b.dtype == torch.float64 and torch.equal(b, torch.full((2,), 2.0, dtype=torch.float64))
+        assert res["grad_none_everywhere_stays_none"]  # the optimiser skips it, as in 1 process
 
 
 def _launch_failure(mode, tmp_path, timeout_s):
