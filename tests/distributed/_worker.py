@@ -57,6 +57,19 @@ class TinyNet(nn.Module):
         return torch.flatten(F.avg_pool2d(torch.relu(self.bn(self.conv(x))), 4), 1)
 
 
+class MLPNet(nn.Module):
+    """flatten - linear(16) - tanh: a backbone without BatchNorm (batch statistics over a
+    rank's rows would differ from those over the global batch)."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = IMAGE, hidden: int = 16):
+        super().__init__()
+        self.fc = nn.Linear(in_channels * image_size * image_size, hidden)
+        self.out_features = hidden
+
+    def forward(self, x):
+        return torch.tanh(self.fc(torch.flatten(x, 1)))
+
+
 def make_episode(g: torch.Generator, ways: int = WAYS, shots: int = 1, queries: int = 2,
                  noise: float = 0.8):
     """An N-way K-shot episode of Gaussian images around per-class means (seeded by ``g``)."""
@@ -123,17 +136,21 @@ def build(name: str, seed: int):
                          alpha_std=0.01)
         return cls(cfg, in_channels=1, image_size=IMAGE, num_classes=MLTP_CLASSES,
                    backbone=TinyNet())
+    if name == "standard":
+        cfg = cls.Config(lr=0.1, optimizer="sgd", momentum=0.9)
+        return cls(cfg, in_channels=1, image_size=IMAGE, num_classes=MLTP_CLASSES,
+                   backbone=MLPNet())
     raise ValueError(name)
 
 
-LEARNERS = ("protonet", "maml", "mltp")
+LEARNERS = ("protonet", "maml", "mltp", "standard")
 
 
 def rank_share(name: str, step: int, rank: int, world: int):
     """What rank ``rank`` of ``world`` feeds ``train_step`` at outer step ``step``."""
     from fewshot.distributed import split_meta_batch, split_supervised_batch
 
-    if name == "mltp":
+    if name in ("mltp", "standard"):
         x, y = global_minibatch(step, world)
         return task_pair(*split_supervised_batch(x, y, rank, world))
     eps = global_meta_batch(step, world)

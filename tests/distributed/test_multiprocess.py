@@ -1,10 +1,12 @@
 """Two real processes on the gloo backend against one process doing the same work.
 
 One ``torchrun --standalone --nproc_per_node=2`` launch (module-scoped fixture) trains
-ProtoNet, MAML and MLTP with a per-rank meta-batch of M tasks (MLTP: a per-rank half of
-each global minibatch) and evaluates on sharded episodes; the tests compare with one
-process that trains on the global meta-batch of 2M tasks (for MLTP: the mean of the two
-ranks' objectives, then one optimiser step) and evaluates every episode in order.
+ProtoNet, MAML and MLTP with a per-rank meta-batch of M tasks (MLTP: each rank's task pair
+is its rows of task_i and task_j of a global minibatch) and standard supervised training
+on the ranks' rows of each global minibatch, and evaluates on sharded episodes. The tests
+compare with one process that trains on the global meta-batch of 2M tasks (MLTP: the mean
+of the two ranks' objectives J, then one optimiser step; standard: the global minibatch
+itself, exact without BatchNorm) and evaluates every episode in order.
 Failure tests launch the two ranks by hand (RANK/WORLD_SIZE/MASTER_*), since torchrun would
 tear the survivor down itself.
 """
@@ -84,6 +86,10 @@ def _reference_params(name):
                 (learner.objective(b.x_i, b.y_i, b.x_j, b.y_j)["J"] / 2).backward()
             opt.step()
             learner._clamp_alpha()
+        elif name == "standard":  # the global minibatch: task_i = first half, task_j = second
+            x, y = W.global_minibatch(step, 2)
+            h = x.shape[0] // 2
+            learner.train_step(W.task_pair(x[:h], y[:h], x[h:], y[h:]))
         else:
             learner.train_step(W.global_meta_batch(step, 2))
     return {k: v.detach() for k, v in learner.named_parameters()}
@@ -117,7 +123,7 @@ def test_ranks_hold_identical_state_after_buffer_sync(two_ranks):
         # are the mean of the two (MAML's default BN policy is transductive: none kept)
         b0, b1 = (res["learners"][name]["buffers_before_sync"] for res in two_ranks)
         running = [k for k in b0 if "running_" in k]
-        if name == "maml":
+        if name in ("maml", "standard"):  # transductive BN / no BN: no running statistics
             continue
         assert running, name
         for k in running:
