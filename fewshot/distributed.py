@@ -381,6 +381,11 @@ def supervised_rows(batch_size: int, rank: int, world: int) -> Tuple[slice, slic
     ``[r·b, (r+1)·b)`` of task_i and ``[B/2 + r·b, B/2 + (r+1)·b)`` of task_j: its halves are
     sub-batches of the paper's task_i and task_j, and over all ranks each row is used once.
     Raises :class:`DistributedError` unless 2W divides B.
+
+    Equivalent strided layout: torch's ``DistributedSampler`` (every rank the same
+    permutation, rank r its positions r, r+W, ...) with a per-rank batch of B/W whose first
+    and second halves are taken as task_i and task_j also keeps each rank's halves inside
+    the global task_i and task_j (tests/distributed check both).
     """
     b_all, rank, world = int(batch_size), int(rank), int(world)
     if world < 1 or not 0 <= rank < world:

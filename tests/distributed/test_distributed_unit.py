@@ -182,3 +182,30 @@ def test_init_times_out_when_the_other_ranks_never_come(clean_env):
         D.init_from_env(device="cpu", timeout_s=1, init_timeout_s=1)
     assert time.monotonic() - t0 < 15
     assert not D.is_distributed()
+
+
+@pytest.mark.parametrize("world,batch", [(2, 8), (4, 16)])
+def test_distributed_sampler_halves_are_also_parts_of_the_global_halves(world, batch):
+    """torch's DistributedSampler (rank r takes perm[r::W]) with a per-rank batch of B/W
+    gives the strided counterpart of supervised_rows: rank r's first half of its batch k is
+    rows k·B + r, r+W, ... < k·B + B/2 of the global permutation, i.e. part of task_i."""
+    from torch.utils.data import DistributedSampler
+
+    n, seed = 4 * batch, 3
+    data = list(range(n))
+    g = torch.Generator().manual_seed(seed)  # the permutation DistributedSampler draws (epoch 0)
+    perm = torch.randperm(n, generator=g).tolist()
+    per_rank = batch // world
+    for k in range(n // batch):
+        task_i, task_j = set(perm[k * batch:k * batch + batch // 2]), \
+            set(perm[k * batch + batch // 2:(k + 1) * batch])
+        got_i, got_j = set(), set()
+        for r in range(world):
+            idx = list(DistributedSampler(data, num_replicas=world, rank=r, shuffle=True,
+                                          seed=seed))
+            mine = idx[k * per_rank:(k + 1) * per_rank]
+            hi, hj = set(mine[:per_rank // 2]), set(mine[per_rank // 2:])
+            assert hi <= task_i and hj <= task_j
+            got_i |= hi
+            got_j |= hj
+        assert got_i == task_i and got_j == task_j
