@@ -68,8 +68,8 @@ __all__ = [
     "is_distributed", "rank", "world_size", "local_rank", "is_main", "barrier",
     "rank_seed", "split_meta_batch", "supervised_rows", "split_supervised_batch",
     "shard", "shard_indices", "gather_per_episode", "all_gather_object", "broadcast_object",
-    "broadcast_module", "sync_buffers", "all_reduce_mean_grads", "reduce_metrics", "check_resume_world_size",
-    "find_free_port",
+    "broadcast_module", "sync_buffers", "all_reduce_mean_grads", "reduce_metrics",
+    "check_resume_world_size", "find_free_port",
 ]
 
 #: default collective timeout: long enough for a slow checkpoint write or evaluation on
