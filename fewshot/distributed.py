@@ -133,15 +133,15 @@ def _pick_device(device: Any, local_rank: int) -> torch.device:
     return dev
 
 
-def init_from_env(backend: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+def init_from_env(backend: Optional[str] = None, timeout_s: Optional[float] = None,
                   device: Any = "auto", init_timeout_s: Optional[float] = None) -> DistContext:
     """Join the process group torchrun describes in the environment; return the context.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` (set by
     torchrun, also across nodes through its rendezvous). ``device="auto"`` picks
     ``cuda:LOCAL_RANK`` when CUDA is present (and makes it the current device), else the CPU.
-    ``backend=None`` is ``"nccl"`` on CUDA and ``"gloo"`` on the CPU. ``timeout_s`` bounds
-    every collective: a rank that died or hangs makes the others raise
+    ``backend=None`` is ``"nccl"`` on CUDA and ``"gloo"`` on the CPU. ``timeout_s`` (default:
+    ``$FEWSHOT_DIST_TIMEOUT`` seconds, else :data:`DEFAULT_TIMEOUT_S`) bounds every collective: a rank that died or hangs makes the others raise
     :class:`DistributedError` after at most that long. ``init_timeout_s`` bounds the
     rendezvous (all ranks joining; default ``max(timeout_s, 300)``, since ranks of a job
     start at different times), after which a rank that never came up is reported the same way.
@@ -151,10 +151,18 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = DEFAULT_TIME
     successful initialisation returns the current context.
     """
     global _CTX
-    if timeout_s is None or not (float(timeout_s) > 0):
-        raise ConfigError(f"distributed timeout must be a positive number of seconds, "
-                          f"got {timeout_s!r}")
-    timeout_s = float(timeout_s)
+    where = "init_from_env(timeout_s=...)"
+    if timeout_s is None:
+        env = os.environ.get("FEWSHOT_DIST_TIMEOUT")
+        timeout_s, where = (env, "FEWSHOT_DIST_TIMEOUT") if env else (DEFAULT_TIMEOUT_S, where)
+    raw = timeout_s
+    try:
+        timeout_s = float(timeout_s)
+    except (TypeError, ValueError):
+        timeout_s = float("nan")
+    if not timeout_s > 0 or timeout_s == float("inf"):
+        raise ConfigError(f"{where}: the distributed timeout must be a positive, finite number "
+                          f"of seconds, got {raw!r}")
     if dist.is_available() and dist.is_initialized():
         return _CTX
     world = _env_int("WORLD_SIZE")

@@ -167,6 +167,14 @@ def test_init_refuses_an_incomplete_environment(clean_env, env, match):
 def test_init_refuses_bad_timeouts_and_missing_cuda(clean_env):
     with pytest.raises(ConfigError, match="timeout"):
         D.init_from_env(timeout_s=0)
+    with pytest.raises(ConfigError, match="finite"):
+        D.init_from_env(timeout_s=float("inf"))
+    clean_env.setenv("FEWSHOT_DIST_TIMEOUT", "soon")
+    with pytest.raises(ConfigError, match="FEWSHOT_DIST_TIMEOUT: .* got 'soon'"):
+        D.init_from_env(device="cpu")
+    clean_env.setenv("FEWSHOT_DIST_TIMEOUT", "42")
+    assert D.init_from_env(device="cpu").timeout_s == 42.0
+    clean_env.delenv("FEWSHOT_DIST_TIMEOUT")
     if not torch.cuda.is_available():
         with pytest.raises(DistributedError, match="CUDA is not available"):
             D.init_from_env(device="cuda")
