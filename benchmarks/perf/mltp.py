@@ -55,8 +55,8 @@ PLAN = {  # net -> (batch, warmup, repeats, learners)   (full run)
     "resnet18": (32, 1, 5, ["standard", "mltp_fo", "mltp"]),
 }
 QUICK = {
-    "cnet1": (32, 1, 3, ["standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo"]),
-    "resnet18": (8, 1, 3, ["standard", "mltp_fo", "mltp"]),
+    "cnet1": (32, 1, 2, ["standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo"]),
+    "resnet18": (8, 1, 2, ["standard", "mltp_fo", "mltp"]),
 }
 
 
