@@ -177,7 +177,7 @@ class BenchResult:
     def markdown(self) -> str:
         cells = self.cells
         lines = [f"## {self.spec.name}" + (" (quick)" if self.out.name.endswith("-quick") else ""), ""]
-        lines.append("| learner | " + " | ".join(f"{w}-way {s}-shot" for w, s in cells) + " | train s |")
+        lines.append("| learner | " + " | ".join(_cell_label(w, s) for w, s in cells) + " | train s |")
         lines.append("|---|" + "---|" * len(cells) + "---|")
         for label, row in self.table.items():
             vals = []
@@ -196,8 +196,8 @@ class BenchResult:
             lines.append(f"| {label} | " + " | ".join(vals) + f" | {self.seconds.get(label, 0):.0f} |")
         first = next(iter(self.table), "")
         n = sorted({st["episodes"] for row in self.table.values() for st in row.values()})
-        lines += ["", f"Accuracy % ± 95% CI over the same {', '.join(map(str, n))} test episodes per "
-                      f"cell (1.96·sample std/√n of the per-episode accuracy averaged over "
+        lines += ["", f"Accuracy % ± 95% CI over the same {', '.join(map(str, n))} test episodes "
+                      f"(top-1 columns: test images) per cell (1.96·sample std/√n of the per-episode accuracy averaged over "
                       f"{len(self.spec.seeds)} seed(s)); sd: std of the per-seed means. "
                       f"*/†: significantly above/below {first} (paired 95% CI of the difference "
                       f"excludes 0)."]
@@ -233,6 +233,11 @@ class BenchResult:
                             repr(vf["diff"]) if vf else "", repr(vf["ci95"]) if vf else "",
                             int(vf["significant"]) if vf else ""])
         return buf.getvalue()
+
+
+def _cell_label(ways: int, shots: int) -> str:
+    """Column title: N-way K-shot, or top-1 accuracy over all images (supervised, shots 0)."""
+    return f"top-1, {ways} classes" if shots == 0 else f"{ways}-way {shots}-shot"
 
 
 def _reusable(run_dir: Path, cfg) -> str:
@@ -333,8 +338,12 @@ def _check_grids(plan) -> None:
     from fewshot.data.store import open_split
     from fewshot.evaluate import check_grid
 
+    from fewshot.learners import get_learner
+
     seen = set()
     for e, seed, cfg, _ in plan:
+        if get_learner(cfg.learner.name).input_kind == "supervised":
+            continue  # evaluated on every image of the test split, no episode grid
         key = (cfg.data.dataset, cfg.data.root, cfg.eval_split(), tuple(cfg.eval.ways),
                tuple(cfg.eval.shots), cfg.eval.queries)
         if key in seen:

@@ -146,7 +146,8 @@ def markdown_table(grid: GridResult, title: Optional[str] = None) -> str:
     lines = []
     if title:
         lines += [f"### {title}", ""]
-    lines.append("| " + " | ".join(["learner", "ways"] + [f"{s}-shot" for s in shots]) + " |")
+    lines.append("| " + " | ".join(["learner", "ways"] + [f"{s}-shot" if s else "top-1 (all test images)"
+                                                           for s in shots]) + " |")
     lines.append("|" + "---|" * (2 + len(shots)))
     for w in ways:
         row = [grid.learner, str(w)]
