@@ -159,9 +159,13 @@ def markdown_table(grid: GridResult, title: Optional[str] = None) -> str:
                 row.append("n/a" if f"{w}x{s}" in grid.extra.get("skipped", {}) else "—")
         lines.append("| " + " | ".join(row) + " |")
     n = sorted({c.episodes for c in grid.cells})
-    notes = [f"accuracy % ± 95% CI (1.96·sample std/√n) over {', '.join(map(str, n))} fixed "
-             f"episodes of split '{grid.split}' of {grid.dataset}, {grid.cells[0].queries if grid.cells else 0} "
-             f"queries per class"]
+    if grid.cells and all(c.shots == 0 for c in grid.cells):
+        notes = [f"top-1 accuracy % ± 95% CI (1.96·sample std/√n of the per-image 0/1 correctness) "
+                 f"over the {', '.join(map(str, n))} images of split '{grid.split}' of {grid.dataset}"]
+    else:
+        notes = [f"accuracy % ± 95% CI (1.96·sample std/√n) over {', '.join(map(str, n))} fixed "
+                 f"episodes of split '{grid.split}' of {grid.dataset}, "
+                 f"{grid.cells[0].queries if grid.cells else 0} queries per class"]
     notes.append("BatchNorm: " + ("transductive (query-batch statistics)" if grid.transductive_bn
                                   else "running statistics / none"))
     notes.append("fine-tunes on the support set" if grid.fine_tunes else "no test-time fine-tuning")
