@@ -1,6 +1,6 @@
 """Training-step time of L2G and MTL against their base learners, same episodes, same run.
 
-    python benchmarks/perf/l2g_mtl_steps.py [--quick] [--json PATH] [--device cpu|cuda]
+    python benchmarks/perf/l2g_mtl_steps.py [--quick] [--json PATH] [--device cpu|cuda] [--threads N]
 
 Ratios (median step time after warm-up, each learner stepping on the same fixed batches):
 
@@ -82,8 +82,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: on a shared machine, OpenMP threads contending "
+                         "with other processes make small convolutions many times slower)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     channels, size = (1, 28) if args.quick else (3, 84)
     warmup, repeats = (1, 3) if args.quick else (5, 20)
     meta_batch = 2 if args.quick else 5
@@ -123,7 +128,7 @@ def main(argv=None):
         "mtl+maml_over_mtl+maml_beta1": metrics["mtl+maml_step_s"] / metrics["mtl+maml_beta1_step_s"],
     }
     command = "python benchmarks/perf/l2g_mtl_steps.py" + (" --quick" if args.quick else "") + \
-        f" --device {args.device}"
+        f" --device {args.device} --threads {args.threads}"
     print(f"# l2g_mtl_steps on {machine(device)}; {channels}x{size}x{size}, meta-batch {meta_batch}, "
           f"median of {repeats} steps after {warmup} warm-up")
     print(f"{'learner':<22}{'step (ms)':>12}")
