@@ -548,14 +548,20 @@ class ImageStore:
             return np.empty((0,) + self.image_shape, dtype=np.uint8)
         dset = self._dataset()
         uniq, inverse = np.unique(idx, return_inverse=True)
-        out = np.empty((uniq.size,) + self.image_shape, dtype=np.uint8)
-        # contiguous runs read as slices (one hyperslab each), which h5py does fastest
+        shape = self.image_shape
+        out = np.empty((uniq.size,) + shape, dtype=np.uint8)
+        # one low-level hyperslab read per run of consecutive rows straight into a contiguous
+        # slice of `out` (h5py's high-level selections cost ~0.25 ms each; a single union
+        # hyperslab is slower still)
+        fspace = dset.id.get_space()
+        zeros = (0,) * len(shape)
         breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
         start = 0
         for run in np.split(uniq, breaks):
-            dset.read_direct(out, np.s_[int(run[0]):int(run[-1]) + 1],
-                             np.s_[start:start + run.size])
-            start += run.size
+            n = int(run.size)
+            fspace.select_hyperslab((int(run[0]),) + zeros, (n,) + shape)
+            dset.id.read(h5py.h5s.create_simple((n,) + shape), fspace, out[start:start + n])
+            start += n
         return out[inverse] if uniq.size != idx.size or np.any(np.diff(idx) <= 0) else out
 
     def images_tensor(self):

@@ -82,6 +82,15 @@ def _decode_job(job):
     return decode_image(data, name=name, size=size, mode=mode, invert=invert)
 
 
+def _decode_chunk(jobs):
+    """Decode a chunk of jobs in a worker; one array (or list when shapes differ) comes back,
+    so inter-process traffic is one message per chunk, not per image."""
+    arrays = [_decode_job(j) for j in jobs]
+    if len({a.shape for a in arrays}) == 1:
+        return np.stack(arrays)
+    return arrays
+
+
 class Decoder:
     """Decode batches of images, in a process pool when there are enough of them.
 
@@ -105,8 +114,11 @@ class Decoder:
             self._pool.join()
             self._pool = None
 
-    def start(self) -> "Decoder":
-        """Start the pool now (call before opening files that must not be open in a fork)."""
+    def start(self, jobs: Optional[int] = None) -> "Decoder":
+        """Start the pool now (before opening a store for writing, so no HDF5 file is open
+        when the workers fork), unless ``jobs`` images are too few to use it."""
+        if jobs is not None and jobs < POOL_MIN_JOBS:
+            return self
         if self.workers > 1 and self._pool is None:
             methods = mp.get_all_start_methods()
             ctx = mp.get_context("fork" if "fork" in methods else "spawn")
@@ -122,8 +134,11 @@ class Decoder:
             return np.empty((0, h, w, c), dtype=np.uint8)
         if self.workers > 1 and len(jobs) >= POOL_MIN_JOBS:
             self.start()
-            chunk = max(8, len(jobs) // (self.workers * 8))
-            arrays = list(self._pool.imap(_decode_job, jobs, chunksize=chunk))
+            size = max(16, min(128, len(jobs) // (self.workers * 4)))
+            chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+            arrays = []
+            for got in self._pool.imap(_decode_chunk, chunks):
+                arrays.extend(got)
         else:
             arrays = [_decode_job(j) for j in jobs]
         first = arrays[0].shape
@@ -132,6 +147,27 @@ class Decoder:
                 raise DataError(f"{name}: image is {a.shape[1]}x{a.shape[0]}, others are "
                                 f"{first[1]}x{first[0]}; pass image_size=N to resize all")
         return np.stack(arrays)
+
+
+def write_classes(writer, decoder: Decoder, classes, batch: int = 1024) -> None:
+    """Decode and append class after class: ``classes`` yields (label, [(name, data), ...]) in
+    label order; images of consecutive classes are decoded together in batches of about
+    ``batch`` (so small classes still keep both decoding processes busy)."""
+    items: list = []
+    labels: list = []
+
+    def flush():
+        if items:
+            writer.add(decoder.decode(items), np.asarray(labels, dtype=np.int64))
+            items.clear()
+            labels.clear()
+
+    for label, class_items in classes:
+        items.extend(class_items)
+        labels.extend([label] * len(class_items))
+        if len(items) >= batch:
+            flush()
+    flush()
 
 
 # --------------------------------------------------------------------------------------- input

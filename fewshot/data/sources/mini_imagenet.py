@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from fewshot.data.safe_pickle import safe_load
-from fewshot.data.sources import Decoder, require_dir
+from fewshot.data.sources import Decoder, require_dir, write_classes
 from fewshot.data.store import StoreWriter
 from fewshot.errors import DataError
 
@@ -128,11 +128,12 @@ def convert_folder(images_dir: Path, csv_path: Path, out_path: Path, split: str,
         raise DataError(f"{images_dir / fname}: image listed in {csv_path.name} not found (also "
                         f"looked in {wnid}/); the images folder does not match the split CSV")
 
+    items = [(label, [(str(p), p) for p in (find(f, w) for f in by_class[w])])
+             for label, w in enumerate(wnids)]  # every file is checked before writing
+    decoder.start(len(rows))
     with StoreWriter(out_path, wnids, dataset=dataset, split=split,
                      source=f"{images_dir.name}/ + {csv_path.name}", num_images=len(rows)) as wr:
-        for label, w in enumerate(wnids):
-            items = [(str(p), p) for p in (find(f, w) for f in by_class[w])]
-            wr.add(decoder.decode(items), label)
+        write_classes(wr, decoder, items)
     return out_path
 
 
@@ -165,7 +166,6 @@ def convert(from_path, out_dir, *, splits=SPLITS, split_csvs: Optional[Path] = N
                         f"({', '.join(s + '.csv' for s in splits)}) found; see "
                         "datasets/mini-imagenet/README.md")
     with Decoder((image_size, image_size), mode="RGB", workers=workers) as dec:
-        dec.start()
         for s in splits:
             written.append(convert_folder(images_dir, csv_dir / f"{s}.csv", out_dir / f"{s}.h5",
                                           s, image_size=image_size, decoder=dec, dataset=dataset))

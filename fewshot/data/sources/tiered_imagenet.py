@@ -24,7 +24,7 @@ from typing import List, Optional
 import numpy as np
 
 from fewshot.data.safe_pickle import safe_load
-from fewshot.data.sources import Decoder, require_dir
+from fewshot.data.sources import Decoder, require_dir, write_classes
 from fewshot.data.store import StoreWriter
 from fewshot.errors import DataError
 
@@ -96,21 +96,24 @@ def convert_split(images_path: Path, labels_path: Path, out_path: Path, split: s
                         f"{specific.size} labels; the two files are from different splits")
     order = np.argsort(specific, kind="stable")
     bounds = np.searchsorted(specific[order], np.arange(k + 1))
+
+    def encoded_class(c: int):
+        items = []
+        for i in order[bounds[c]:bounds[c + 1]]:
+            e = encoded[int(i)]
+            if isinstance(e, np.ndarray):
+                e = e.tobytes()
+            elif not isinstance(e, (bytes, bytearray)):
+                raise DataError(f"{images_path}[{int(i)}]: expected PNG bytes, got "
+                                f"{type(e).__name__}")
+            items.append((f"{images_path}[{int(i)}]", bytes(e)))
+        return c, items
+
+    decoder.start(specific.size)
     with StoreWriter(out_path, names, dataset=dataset, split=split, class_info=info,
                      source=f"{images_path.name} + {labels_path.name}",
                      num_images=specific.size) as w:
-        for c in range(k):
-            rows = order[bounds[c]:bounds[c + 1]]
-            items = []
-            for i in rows:
-                e = encoded[int(i)]
-                if isinstance(e, np.ndarray):
-                    e = e.tobytes()
-                elif not isinstance(e, (bytes, bytearray)):
-                    raise DataError(f"{images_path}[{int(i)}]: expected PNG bytes, got "
-                                    f"{type(e).__name__}")
-                items.append((f"{images_path}[{int(i)}]", bytes(e)))
-            w.add(decoder.decode(items), c)
+        write_classes(w, decoder, (encoded_class(c) for c in range(k)))
     return out_path
 
 
@@ -125,7 +128,6 @@ def convert(from_path, out_dir, *, splits=SPLITS, image_size: Optional[int] = No
         if s not in SPLITS:
             raise DataError(f"unknown tiered-imagenet split '{s}'; use train, val or test")
     with Decoder(size, mode="RGB", workers=workers) as dec:
-        dec.start()
         for s in splits:
             images = _find(p, f"{s}_images_png.pkl")
             try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from fewshot.data.sources import Decoder, read_text_lines, require_dir
+from fewshot.data.sources import Decoder, read_text_lines, require_dir, write_classes
 from fewshot.data.store import StoreWriter
 from fewshot.errors import DataError
 
@@ -75,7 +75,7 @@ def convert(from_path, out_dir, *, splits=("train", "val"), image_size: int = 64
     out_dir = Path(out_dir)
     written = []
     with Decoder((image_size, image_size), mode="RGB", workers=workers) as dec:
-        dec.start()
+        dec.start(sum(len(v) for s in splits if lst.get(s) for v in lst[s].values()))
         for split in splits:
             if split not in ("train", "val"):
                 raise DataError(f"unknown tiny-imagenet split '{split}'; use train or val (the "
@@ -89,7 +89,7 @@ def convert(from_path, out_dir, *, splits=("train", "val"), image_size: int = 64
             with StoreWriter(path, wnids, dataset=dataset, split=split,
                              source=f"{FOLDER}/{split}", class_info=info,
                              num_images=sum(len(v) for v in files.values())) as w:
-                for label, wnid in enumerate(wnids):
-                    w.add(dec.decode([(str(f), f) for f in files[wnid]]), label)
+                write_classes(w, dec, ((label, [(str(f), f) for f in files[wnid]])
+                                       for label, wnid in enumerate(wnids)))
             written.append(path)
     return written
