@@ -75,8 +75,7 @@ def test_cifar_bad_inputs(fake_cifar10, tmp_path):
         cifar.convert(src, tmp_path / "o")
     assert _no_store(tmp_path / "o")
     with pytest.raises(DataError, match="no cifar-100-python"):
-        cifar.convert(tmp_path / "o" if (tmp_path / "o").exists() else src / "cifar-10-batches-py",
-                      tmp_path / "o", name="cifar100")
+        cifar.convert(src / "cifar-10-batches-py", tmp_path / "o", name="cifar100")
 
 
 # ---------------------------------------------------------------------------------- tiny-ImageNet
@@ -177,8 +176,7 @@ def test_mini_imagenet_bad_inputs(fake_mini_cache, fake_mini_jpeg, tmp_path):
         mini_imagenet.convert(jsrc, tmp_path / "o", splits=("val",))
     assert _no_store(tmp_path / "o")
     with pytest.raises(DataError, match="neither mini-imagenet-cache"):
-        mini_imagenet.convert(tmp_path / "o" if (tmp_path / "o").exists() else jsrc / "images",
-                              tmp_path / "o")
+        mini_imagenet.convert(jsrc / "images", tmp_path / "o")  # JPEGs but no CSVs
 
 
 # ---------------------------------------------------------------------------------- tiered
@@ -456,3 +454,16 @@ def test_bridge_learn2learn_metadataset(tmp_path):
     for c, lab in enumerate((1, 3, 7)):
         np.testing.assert_array_equal(s.read(s.class_indices(c))[..., 0],
                                       x[y == lab][:, 0].numpy())
+
+
+def test_prepare_glyphs_dispatch(tmp_path):
+    paths = P.prepare("glyphs", root=tmp_path, splits=(("train", 4), ("val", 2), ("test", 2)),
+                      per_class="3", seed="1")
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == [
+        "glyphs/train.h5", "glyphs/val.h5", "glyphs/test.h5"]
+    inf = P.info("glyphs", root=tmp_path)
+    assert [inf["splits"][s]["classes"] for s in ("train", "val", "test")] == [4, 2, 2]
+    assert inf["splits"]["train"]["per_class_min"] == 3 and inf["image_shape"] == [28, 28, 1]
+    assert P.verify("glyphs", root=tmp_path)["splits"]["val"]["matches_reference"] is False
+    with pytest.raises(ConfigError, match="option 'perclass'"):
+        P.prepare("glyphs", root=tmp_path, perclass=3)
