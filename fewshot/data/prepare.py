@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from fewshot.data.store import (FORMAT_VERSION, ImageStore, available_splits, data_root,
                                 store_path)

@@ -2,7 +2,6 @@
 API, downloads through patched delegates, and every bad input giving one DataError."""
 from __future__ import annotations
 
-import io
 import pickle
 import sys
 import types

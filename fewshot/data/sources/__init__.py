@@ -11,7 +11,6 @@ import io
 import multiprocessing as mp
 import os
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple, Union
 
