@@ -175,6 +175,7 @@ class StoreWriter:
     # -- context manager
     def __enter__(self) -> "StoreWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(self.path)
         self._file = h5py.File(self.tmp_path, "w")
         if self.image_shape is not None:
             self._create_images(self.image_shape)
@@ -327,6 +328,27 @@ class StoreWriter:
             self.tmp_path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete ``<name>.tmp-<pid>`` files left by writers that were killed (no live pid)."""
+    for tmp in path.parent.glob(f"{path.name}.tmp-*"):
+        suffix = tmp.name.rsplit("-", 1)[-1]
+        if suffix.isdigit() and int(suffix) != os.getpid() and not _pid_alive(int(suffix)):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
 
 
 def write_store(path: PathLike, images: np.ndarray, labels: np.ndarray,

@@ -174,6 +174,20 @@ def test_atomic_write_leaves_nothing_on_exception(tmp_path, rng):
     assert sorted(p.name for p in target.parent.iterdir()) == ["train.h5"]
 
 
+def test_stale_temp_of_killed_writer_is_removed(tmp_path, rng):
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    stale = tmp_path / f"train.h5.tmp-{int(dead.stdout)}"  # as left by `kill -9` mid-write
+    stale.write_bytes(b"half a store")
+    alive = tmp_path / f"train.h5.tmp-{os.getppid()}"  # a live writer's file is left alone
+    alive.write_bytes(b"in progress")
+    x, y, names = _arrays(rng)
+    write_store(tmp_path / "train.h5", x, y, names, dataset="t", split="train", source="m")
+    assert not stale.exists() and alive.exists()
+
+
 def test_writer_refuses_bad_input(tmp_path, rng):
     x, _, names = _arrays(rng)
     p = tmp_path / "b.h5"
