@@ -6,6 +6,7 @@ import pickle
 import sys
 import types
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -394,6 +395,42 @@ def test_download_mini_through_patched_learn2learn(fake_mini_cache, tmp_path, mo
     paths = P.download("mini-imagenet", root=tmp_path / "r")
     assert modes == ["train", "validation", "test"]
     assert ImageStore.open(paths[1]).class_names == sorted(truth["val"])
+
+
+def test_download_omniglot_and_tiered_through_patched_delegates(fake_omniglot, fake_tiered,
+                                                                 tmp_path, monkeypatch):
+    import shutil
+    import torchvision.datasets as tvd
+    src, _, _ = fake_omniglot
+    calls = []
+
+    class FakeOmniglot:  # torchvision keeps the zips in <root>/omniglot-py/
+        def __init__(self, root, background=True, download=False, **kw):
+            calls.append((background, download))
+            name = "images_background.zip" if background else "images_evaluation.zip"
+            Path(root, "omniglot-py").mkdir(exist_ok=True)
+            shutil.copy(src / name, Path(root, "omniglot-py", name))
+
+    monkeypatch.setattr(tvd, "Omniglot", FakeOmniglot)
+    paths = P.download("omniglot", root=tmp_path / "r", splits="official")
+    assert calls == [(True, True), (False, True)]
+    assert [p.stem for p in paths] == ["background", "evaluation"]
+
+    tsrc, truth = fake_tiered
+    modes = []
+
+    class FakeTiered:  # learn2learn keeps the pickles in <root>/tiered-imagenet/
+        def __init__(self, root, mode="train", download=False):
+            modes.append((mode, download))
+            shutil.copytree(tsrc / "tiered-imagenet", Path(root, "tiered-imagenet"),
+                            dirs_exist_ok=True)
+
+    fake = types.SimpleNamespace(vision=types.SimpleNamespace(
+        datasets=types.SimpleNamespace(TieredImagenet=FakeTiered)))
+    monkeypatch.setitem(sys.modules, "learn2learn", fake)
+    paths = P.download("tiered-imagenet", root=tmp_path / "r", splits="train,val")
+    assert [m for m, _ in modes] == ["train", "validation", "test"] and all(d for _, d in modes)
+    assert ImageStore.open(paths[0]).num_classes == 3
 
 
 def test_download_failure_is_one_data_error(tmp_path, monkeypatch):
