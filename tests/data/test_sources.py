@@ -150,6 +150,25 @@ def test_mini_imagenet_jpeg_folder(fake_mini_jpeg, tmp_path):
             assert np.abs(imgs.reshape(-1, 3).mean(0) - truth[s.split][w]).max() < 4
 
 
+def test_mini_imagenet_from_imagenet_train_tree(tmp_path):
+    """CSV name <wnid><k>.jpg = k-th image of the class in numeric order of <wnid>_<N>.JPEG."""
+    tree = tmp_path / "train"
+    shades = {5: 20, 12: 120, 100: 230}  # numeric order 5, 12, 100 (text order 100, 12, 5)
+    for n, v in shades.items():
+        (tree / "n01532829").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((50, 60, 3), v, np.uint8)).save(
+            tree / "n01532829" / f"n01532829_{n}.JPEG", quality=95)
+    (tmp_path / "test.csv").write_text("filename,label\nn0153282900000002.jpg,n01532829\n"
+                                      "n0153282900000003.jpg,n01532829\n"
+                                      "n0153282900000001.jpg,n01532829\n")
+    (path,) = mini_imagenet.convert(tmp_path, tmp_path / "o", splits=("test",), image_size=8)
+    got = ImageStore.open(path).images.reshape(3, -1).mean(1)
+    np.testing.assert_allclose(got, [120, 230, 20], atol=3)
+    (tmp_path / "test.csv").write_text("filename,label\nn0153282900000004.jpg,n01532829\n")
+    with pytest.raises(DataError, match="asks for image 4 of class n01532829 but .* holds 3"):
+        mini_imagenet.convert(tmp_path, tmp_path / "o", splits=("test",))
+
+
 def test_mini_imagenet_bad_inputs(fake_mini_cache, fake_mini_jpeg, tmp_path):
     src, _ = fake_mini_cache
     with open(src / "mini-imagenet-cache-train.pkl", "wb") as fh:

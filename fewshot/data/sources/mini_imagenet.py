@@ -11,12 +11,16 @@ Two accepted inputs (``from_path`` is a folder):
     CSVs ``train.csv``/``val.csv``/``test.csv`` next to it (or in ``split_csvs=DIR``). Each
     image is converted to RGB and resized to ``image_size`` x ``image_size`` (84) with a
     Lanczos filter, without cropping (as Ravi & Larochelle's pre-processing).
+    The folder may also be the ImageNet (ILSVRC-2012) train folder, ``<wnid>/<wnid>_<N>.JPEG``:
+    a CSV name ``<wnid><k, 8 digits>.jpg`` then means the k-th (from 1) image of the class in
+    increasing order of N, the convention of the mini-imagenet-tools generator.
 
 Store classes are the wnids in sorted order; rows follow the cache's index order / CSV order.
 """
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -28,6 +32,10 @@ from fewshot.data.store import StoreWriter
 from fewshot.errors import DataError
 
 NAME = "mini-imagenet"
+#: Ravi's file names: <wnid><8-digit index>.jpg
+_RAVI_FILE = re.compile(r"^(n\d{8})(\d{8})\.jpe?g$", re.IGNORECASE)
+#: ImageNet train files: <wnid>_<number>.JPEG
+_IMAGENET_FILE = re.compile(r"^(n\d{8})_(\d+)\.jpe?g$", re.IGNORECASE)
 SPLITS = ("train", "val", "test")
 CACHE = "mini-imagenet-cache-{split}.pkl"
 
@@ -121,10 +129,34 @@ def convert_folder(images_dir: Path, csv_path: Path, out_path: Path, split: str,
         by_class.setdefault(wnid, []).append(fname)
     wnids = sorted(by_class)
 
+    imagenet: Dict[str, List[Path]] = {}
+
+    def imagenet_files(wnid: str) -> List[Path]:
+        """ImageNet train layout ``<wnid>/<wnid>_<N>.JPEG``, sorted by N."""
+        if wnid not in imagenet:
+            d = images_dir / wnid
+            found = []
+            if d.is_dir():
+                for f in d.iterdir():
+                    m = _IMAGENET_FILE.match(f.name)
+                    if m and m.group(1) == wnid:
+                        found.append((int(m.group(2)), f))
+            imagenet[wnid] = [f for _, f in sorted(found)]
+        return imagenet[wnid]
+
     def find(fname: str, wnid: str) -> Path:
         for cand in (images_dir / fname, images_dir / wnid / fname):
             if cand.is_file():
                 return cand
+        files = imagenet_files(wnid)
+        m = _RAVI_FILE.match(fname)
+        if files and m and m.group(1) == wnid:
+            k = int(m.group(2))
+            if not 1 <= k <= len(files):
+                raise DataError(f"{csv_path}: '{fname}' asks for image {k} of class {wnid} but "
+                                f"{images_dir / wnid} holds {len(files)}; use the full ImageNet "
+                                "train folder of that class")
+            return files[k - 1]
         raise DataError(f"{images_dir / fname}: image listed in {csv_path.name} not found (also "
                         f"looked in {wnid}/); the images folder does not match the split CSV")
 
@@ -159,7 +191,8 @@ def convert(from_path, out_dir, *, splits=SPLITS, split_csvs: Optional[Path] = N
         return written
     if p.is_file():
         raise DataError(f"{p}: expected a folder or a mini-imagenet-cache-<split>.pkl file")
-    images_dir = p / "images" if (p / "images").is_dir() else p
+    images_dir = p / "images" if (p / "images").is_dir() else \
+        p / "train" if (p / "train").is_dir() else p
     csv_dir = Path(split_csvs) if split_csvs is not None else p
     if not any((csv_dir / f"{s}.csv").is_file() for s in splits):
         raise DataError(f"{p}: neither mini-imagenet-cache-*.pkl nor split CSVs "
