@@ -321,8 +321,10 @@ class InnerLoop(nn.Module):
             fmods = dict(fmodel.named_modules())
             pairs = [(m, fmods[n]) for n, m in self._model.named_modules()]
             bn_pairs = [_BNPair(n, self._model.get_submodule(n), fmods[n]) for n in self._bn_names]
+            slots = [(twin, list(twin._param_names)) for _, twin in pairs if twin._param_names]
             object.__setattr__(self, "_fmodel", fmodel)
             object.__setattr__(self, "_pairs", (pairs, bn_pairs))
+            object.__setattr__(self, "_slots", slots)
         return self._fmodel
 
     def _sync(self) -> None:
@@ -343,7 +345,23 @@ class InnerLoop(nn.Module):
         _, bn_pairs = self._pairs
         for k, pair in enumerate(bn_pairs):
             self._configure_bn(k, pair, step, inner)
-        return fmodel(x, *args, params=params, **kwargs)
+        try:
+            return fmodel(x, *args, params=params, **kwargs)
+        finally:
+            self._release(fmodel)
+
+    def _release(self, fmodel) -> None:
+        """Drop the patched model's references to the weights of the last forward.
+
+        ``higher`` appends every ``params`` list passed to ``forward`` to a fast-weight history
+        and leaves the tensors on the patched modules; reusing one patched model for a whole
+        run would keep every step's graph alive. The graph now lives exactly as long as the
+        caller holds the outputs.
+        """
+        fmodel._fast_params = None
+        for twin, names in self._slots:
+            for name in names:
+                twin._parameters[name] = None
 
     def _configure_bn(self, k: int, pair: _BNPair, step: int, inner: bool) -> None:
         """Point the patched BatchNorm at the statistics the policy prescribes for this forward."""

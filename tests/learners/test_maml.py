@@ -169,10 +169,6 @@ def live_tensors() -> int:
     return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
-@pytest.mark.xfail(strict=True, reason="fewshot/inner_loop.py reuses one higher-patched model "
-                   "with track_higher_grads=True, and higher appends every params list passed to "
-                   "forward to its fast-weight history (_fast_params): memory grows with every "
-                   "inner step for the whole run. Remove this marker when the inner loop is fixed.")
 @pytest.mark.parametrize("name", ["maml", "reptile"])
 def test_memory_does_not_grow_with_training_steps(tiny_net, make_episode, name):
     torch.manual_seed(6)
