@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         a = dsub.add_parser(name, help=hlp)
         a.add_argument("name", help="dataset name (glyphs, omniglot, mini-imagenet, ...)")
         a.add_argument("--root", help="data root (default $FEWSHOT_DATA or ./datasets)")
+        if name in ("info", "verify"):
+            a.add_argument("--json", action="store_true", help="print the full JSON")
         if name == "prepare":
             a.add_argument("--from", dest="from_path", help="folder or file the user has")
             a.add_argument("--opt", action="append", type=_kv, default=[], metavar="KEY=VALUE",
@@ -151,8 +153,33 @@ def _cmd_data(args) -> int:
         return 0
     fn = P.info if args.data_command == "info" else P.verify
     res = fn(args.name, root=args.root)
-    print(json.dumps(res, indent=1, default=str))
+    if args.json:
+        print(json.dumps(res, indent=1, default=str))
+        return 0
+    print(_format_data(args.data_command, res))
     return 0
+
+
+def _format_data(command: str, res: dict) -> str:
+    """Human-readable ``data info`` / ``data verify`` summary, one line per split."""
+    lines = [f"{res.get('dataset')} under {res.get('root')}"]
+    if command == "verify":
+        lines[0] += ": " + ("OK" if res.get("ok") else "PROBLEMS")
+    for split, v in res.get("splits", {}).items():
+        shape = "x".join(str(x) for x in v.get("image_shape", []))
+        lo, hi = v.get("per_class_min"), v.get("per_class_max")
+        per = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        line = f"  {split:<6} {v.get('classes')} classes, {v.get('images')} images ({per} per class), {shape}"
+        if command == "verify":
+            ref = v.get("matches_reference")
+            line += ", checksum ok" + ("" if ref is None else
+                                       (", matches published sizes" if ref else ", DIFFERS from published sizes"))
+        elif v.get("checksum"):
+            line += f", {str(v['checksum'])[:19]}"
+        lines.append(line)
+    if command == "info" and res.get("classes") is not None:
+        lines.append(f"  total  {res['classes']} classes")
+    return "\n".join(lines)
 
 
 def _doc_lines(cls) -> dict:

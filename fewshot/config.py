@@ -93,8 +93,12 @@ class TrainConfig:
                                         "episodes, N drawn per episode from it")
     shots: Union[int, List[int]] = _f(1, "K: support examples per class; a list = any-shot episodes")
     queries: int = _f(15, "query examples per class in training tasks")
+    variable: bool = _f(False, "Meta-Dataset-style variable-way variable-shot training episodes "
+                               "(ways 5-50, <= 500 support images, <= 10 queries per class); "
+                               "ways/shots/queries then only shape validation")
     pair: Dict[str, Any] = _f({}, "pairs learners (L2G): shape of the second task T_j as "
-                                  "{ways=, shots=, queries=}; missing keys copy the first task's")
+                                  "{ways=, shots=, queries=} (lists = any-way any-shot T_j) or "
+                                  "{variable=true}; missing keys copy the first task's")
     val_every: int = _f(500, "validate every this many steps (episodic) or epochs (supervised); "
                              "0 = only at the end")
     val_episodes: int = _f(100, "fixed validation episodes (seeded, same every time)")
@@ -335,13 +339,15 @@ def _validate(cfg: RunConfig, where: str) -> None:
     if t.ways == 1 or t.ways == [1]:
         raise ConfigError(f"config key 'train.ways' must be >= 2 (a 1-way task has nothing to "
                           f"classify){src}")
-    unknown_pair = set(t.pair) - {"ways", "shots", "queries"}
+    pair_keys = ["ways", "shots", "queries", "variable"]
+    unknown_pair = set(t.pair) - set(pair_keys)
     if unknown_pair:
         k = sorted(unknown_pair)[0]
-        raise ConfigError(f"unknown config key 'train.pair.{k}'{src}.{closest(k, ['ways', 'shots', 'queries'])} "
-                          f"Valid keys: ways, shots, queries")
+        raise ConfigError(f"unknown config key 'train.pair.{k}'{src}.{closest(k, pair_keys)} "
+                          f"Valid keys: {', '.join(pair_keys)}")
     for k, v in t.pair.items():
-        check_type(f"train.pair.{k}", v, int if k == "queries" else Union[int, List[int]], where)
+        tp = {"queries": int, "variable": bool}.get(k, Union[int, List[int]])
+        check_type(f"train.pair.{k}", v, tp, where)
     if t.device != "auto" and t.device != "cpu" and not t.device.startswith("cuda"):
         raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, found "
                           f"{t.device!r}{src}")

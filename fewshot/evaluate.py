@@ -213,7 +213,7 @@ def evaluate_grid(learner, store, *, ways: Sequence[int], shots: Sequence[int], 
                     bar.update(len(shard_indices(episodes, rank, world)))
                 continue
             t0 = time.perf_counter()
-            eps = fixed_episodes(store, w, s, queries, episodes, seed)
+            eps = fixed_episodes(store, w, s, queries, episodes, seed, device=device)
             local, trans = evaluate_episodes(learner, eps, shard_indices(episodes, rank, world),
                                              device=device, progress=bar.update if bar else None)
             acc = gather_accuracies(local, episodes, rank, world, all_gather=all_gather)

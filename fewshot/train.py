@@ -310,13 +310,18 @@ def _as_list(v) -> List[int]:
     return list(v) if isinstance(v, (list, tuple)) else [int(v)]
 
 
-def _episode_sampler(store, ways, shots, queries, seed, device, augment):
-    from fewshot.data import episodes as E
+def _task_spec(ways, shots, queries, variable: bool = False) -> Dict[str, Any]:
+    """A sampler spec for :func:`fewshot.data.episodes.make_sampler`: N-way K-shot (ints),
+    any-way any-shot (lists) or Meta-Dataset variable episodes."""
+    if variable:
+        return {"variable": True}
+    return {"ways": ways, "shots": shots, "queries": queries}
 
-    if isinstance(ways, list) or isinstance(shots, list):
-        return E.AnyWayAnyShotSampler(store, ways=tuple(_as_list(ways)), shots=tuple(_as_list(shots)),
-                                      queries=queries, seed=seed, device=device, augment=augment)
-    return E.EpisodeSampler(store, ways, shots, queries, seed=seed, device=device, augment=augment)
+
+def _episode_sampler(store, spec, seed, device, augment):
+    from fewshot.data.episodes import make_sampler
+
+    return make_sampler(store, spec, seed=seed, device=device, augment=augment)
 
 
 class Trainer:
@@ -392,9 +397,10 @@ class Trainer:
             test.close()
         if learner_kind == "supervised":
             return
-        check_grid(self.train_store, _as_list(t.ways), _as_list(t.shots), t.queries,
-                   what="training tasks (train.ways/shots/queries)")
-        if learner_kind == "pairs" and t.pair:
+        if not t.variable:
+            check_grid(self.train_store, _as_list(t.ways), _as_list(t.shots), t.queries,
+                       what="training tasks (train.ways/shots/queries)")
+        if learner_kind == "pairs" and t.pair and not t.pair.get("variable", t.variable):
             check_grid(self.train_store, _as_list(t.pair.get("ways", t.ways)),
                        _as_list(t.pair.get("shots", t.shots)), t.pair.get("queries", t.queries),
                        what="second training task (train.pair)")
@@ -413,13 +419,14 @@ class Trainer:
 
     def _build_sampler(self, kind: str, seed: int):
         t, dev, aug = self.config.train, self.device, self.config.data.augment
+        first = _task_spec(t.ways, t.shots, t.queries, t.variable)
         if kind == "episodes":
-            return _episode_sampler(self.train_store, t.ways, t.shots, t.queries, seed, dev, aug)
+            return _episode_sampler(self.train_store, first, seed, dev, aug)
         if kind == "pairs":
             from fewshot.data.episodes import DisjointPairSampler
 
-            first = {"ways": t.ways, "shots": t.shots, "queries": t.queries}
-            second = {k: t.pair.get(k, first[k]) for k in first}
+            second = _task_spec(t.pair.get("ways", t.ways), t.pair.get("shots", t.shots),
+                                t.pair.get("queries", t.queries), t.pair.get("variable", t.variable))
             return DisjointPairSampler(self.train_store, first, second, seed=seed, device=dev,
                                        augment=aug)
         if kind == "supervised":
@@ -528,7 +535,7 @@ class Trainer:
         self.val_eps = None
         if kind != "supervised":
             self.val_eps = fixed_episodes(self.val_store, self.val_ways, self.val_shots, t.queries,
-                                          t.val_episodes, t.seed + 7919)
+                                          t.val_episodes, t.seed + 7919, device=self.device)
         total = self._supervised_total() if kind == "supervised" else t.episodes
         step, best_val, best_step = 0, None, None
         prior_seconds, t_start = 0.0, time.perf_counter()

@@ -245,3 +245,27 @@ def test_api_train_and_evaluate(glyphs_root, tmp_path, write_config):
     assert [c.key for c in grid.cells] == [(5, 1)] and grid.cells[0].episodes == 5
     again = evaluate(str(tmp_path / "r"), ways=[5], shots=[1], queries=3, episodes=5)
     assert again.cells[0].accuracies == grid.cells[0].accuracies  # fixed episodes, same weights
+
+
+def test_data_info_and_verify_cli(glyphs_root, capsys):
+    assert main(["data", "info", "glyphs", "--root", str(glyphs_root)]) == 0
+    out = capsys.readouterr().out
+    assert "  train  40 classes, 800 images (20 per class), 28x28x1" in out
+    assert "  test   25 classes, 500 images (20 per class)" in out
+    assert main(["data", "verify", "glyphs", "--root", str(glyphs_root), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["ok"] is True and res["splits"]["val"]["classes"] == 20
+    assert main(["data", "info", "glyphz", "--root", str(glyphs_root)]) == 2
+    assert "unknown dataset 'glyphz'. Did you mean 'glyphs'?" in capsys.readouterr().err
+
+
+def test_any_way_and_variable_episodes_train(glyphs_root, tmp_path, write_config):
+    from fewshot.api import train
+
+    cfg = write_config(tmp_path / "c.toml", glyphs_root, episodes=2, ways=[3, 5], shots=[1, 2],
+                       val_ways=4, val_shots=1)
+    run = train(cfg, out=tmp_path / "any", evaluate=False)
+    assert [r["step"] for r in run.metrics("val")] == [2]
+    run = train(cfg, out=tmp_path / "var", evaluate=False, train__variable=True, train__episodes=1,
+                train__meta_batch=1)
+    assert run.step == 1 and np.isfinite(run.metrics("train")[0]["loss"])
