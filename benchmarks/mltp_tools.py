@@ -146,10 +146,6 @@ def _labels(runs_dir: Path):
     return []
 
 
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", label).strip("_")
-
-
 def evaluate_topk(run_dir: Path, ks=(1, 5), batch_size=256):
     """Top-k accuracies of a run's last weights on its test split (every image, no augmentation)."""
     import torch
@@ -202,10 +198,14 @@ def _atomic(path: Path, data: bytes):
 def report(runs_dir, out, command=""):
     """Tables and curves for a finished bench of an MLTP spec (see the module docstring)."""
     runs_dir, out = Path(runs_dir), Path(out)
+    from fewshot.bench import _slug as bench_slug
+
     groups = _runs(runs_dir)
-    order = [_slug(lab) for lab in _labels(runs_dir)]
-    names = sorted(groups, key=lambda n: order.index(n) if n in order else len(order))
-    results = {name: [_summary(rd) for rd in groups[name]] for name in names}
+    results = {name: [_summary(rd) for rd in groups[name]] for name in groups}
+    order = [bench_slug(lab) for lab in _labels(runs_dir)]
+    names = sorted(groups, key=lambda n: (order.index(n) if n in order else len(order),
+                                          results[n][0]["network"],
+                                          results[n][0]["learner"] != "standard", n))
     nets = {name: results[name][0]["network"] for name in names}
     baseline = {}
     for name in names:  # Δ against standard training of the same network (else the first row)
