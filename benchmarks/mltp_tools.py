@@ -164,7 +164,8 @@ def evaluate_topk(run_dir: Path, ks=(1, 5), batch_size=256):
         hits = {k: 0 for k in ks}
         n = 0
         with torch.no_grad():
-            for x, y in SupervisedAdapter.eval_batches(store, batch_size):
+            # the training preset fixes the test-time normalisation (per-image on CIFAR)
+            for x, y in SupervisedAdapter.eval_batches(store, batch_size, augment=cfg.data.augment):
                 got = topk_correct(learner.predict_batch(x), y, ks)
                 for k in ks:
                     hits[k] += int(got[k])
