@@ -16,7 +16,15 @@ their base-class labels (the episodes' ``base_support_y`` / ``base_query_y``). L
 9 are both evaluated at the same θ and the two moved copies are averaged with weight β on
 the meta-learner (the paper's convention, used by the config: ``beta``). The authors'
 public code weights the *transfer* copy with its "β = 0.1"; that is ``beta = 0.9`` here,
-the default. β = 1 is the plain meta-learner, β = 0 plain transfer learning.
+the default. β = 1 is the plain meta-learner, β = 0 plain transfer learning. θ is every
+parameter: line 9 leaves the N-way head where it is and line 7/8 leaves the C-way head, so
+line 10 moves the N-way head by β times its meta update and the C-way head by (1 − β) times
+its transfer update, as the formula says.
+
+Distributed training: each side hands its update to an optimiser as a gradient (Reptile's
+pseudo-gradient −mean_i(θ_i − θ), MAML's meta-gradient, the transfer gradient), so
+:meth:`Learner.outer_step` averages it over ranks before the step; the combination is then
+the same on every rank.
 
 The k inner steps go through :class:`fewshot.inner_loop.InnerLoop`; ``loss_fn`` picks
 sub-batch t at step t. Sub-batches: with ``inner_batch`` = B (default 20, the authors'
@@ -54,7 +62,6 @@ default (Reptile's and MAML's reference behaviour: batch statistics in training 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Dict, List, Optional
 
