@@ -218,3 +218,38 @@ def test_missing_cifar_store_is_a_clear_error(tmp_path):
     cfg = config_from_dict(spec.run_config(spec.learners[0], 0))
     with pytest.raises(DataError, match="fewshot data prepare cifar10"):
         open_split(cfg.data.dataset, cfg.data.train_split, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file,label,maker", [
+    ("mltp_cifar10.toml", "CNet1 MLTP_FO", "cifar10"),
+    ("mltp_tiny.toml", "ResNet-18 MLTP_FO", "tiny"),
+])
+def test_spec_trains_end_to_end_on_official_format_fixture(tmp_path, file, label, maker):
+    """The spec's own config (one learner, one epoch, small batches) through the trainer."""
+    import torch
+
+    from fewshot.train import Trainer
+
+    spec = load_spec(BENCH / file)
+    entry = next(e for e in spec.learners if e.label == label)
+    raw = spec.run_config(entry, 0)
+    prep = _prepare_module(raw["data"]["dataset"])
+    src = cifar10_tar(tmp_path)[0] if maker == "cifar10" else tiny_zip(tmp_path)
+    root = tmp_path / "data"
+    prep.prepare(raw["data"]["dataset"], from_path=src, root=root)
+    raw["data"]["root"] = str(root)
+    raw["train"].update(epochs=1, batch_size=20 if maker == "cifar10" else 6, lr_milestones=[],
+                        threads=1, quiet=True, log_every=1)
+    threads = torch.get_num_threads()
+    try:
+        run = Trainer(config_from_dict(raw), tmp_path / "run").run()
+    finally:
+        torch.set_num_threads(threads)
+    assert run.state["complete"] and run.state["input_kind"] == "supervised"
+    steps = 100 // 20 if maker == "cifar10" else 1
+    assert run.step == steps
+    train_rows = run.metrics("train")
+    assert len(train_rows) == steps and all("alpha_mean" in r for r in train_rows)
+    (cell,) = run.results.cells
+    assert cell.ways == (10 if maker == "cifar10" else 3) and len(cell.accuracies) == (20 if maker == "cifar10" else 6)
