@@ -55,7 +55,7 @@ class SupervisedConfig(LearnerConfig):
     backbone_options: Dict = field(default_factory=dict)
     optimizer: str = "adam"  # "adam" | "sgd" (SGD with momentum, the Tiny ImageNet setting)
     momentum: float = 0.9  # SGD momentum (ignored by Adam)
-    nesterov: bool = False
+    nesterov: bool = False  # Nesterov momentum (SGD only; the paper uses plain momentum)
     weight_decay: float = 0.0  # β of eq. 6 with R(w) = ½‖w‖² (never applied to step sizes α)
 
     def validate(self) -> None:
