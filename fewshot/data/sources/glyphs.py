@@ -142,9 +142,10 @@ def generate_glyphs(num_classes: int, per_class: int, seed: int = 0,
 
     Returns ``(images, labels)``: uint8 ``(num_classes * per_class, size, size, 1)`` and
     int64 labels ``0..num_classes-1`` sorted ascending (class ``c`` is rows
-    ``c*per_class .. (c+1)*per_class - 1``). Deterministic in ``seed``; classes are drawn
-    first, in order, so the first ``m`` classes of a larger call equal a call with
-    ``num_classes=m`` (instances are drawn from a second stream seeded from ``seed``).
+    ``c*per_class .. (c+1)*per_class - 1``). Deterministic in ``seed``: the characters come
+    from the stream ``default_rng([seed, 0])`` in order (so the first ``m`` characters of a
+    larger call are the characters of a call with ``num_classes=m``), the drawings from
+    ``default_rng([seed, 1, num_classes, per_class])``.
     """
     from PIL import Image, ImageDraw
 
