@@ -158,6 +158,27 @@ def rank_share(name: str, step: int, rank: int, world: int):
     return eps[rank * m:(rank + 1) * m]
 
 
+def adapter_batches(rank: int, world: int):
+    """The first STEPS TaskPairBatches of rank ``rank`` from fewshot's SupervisedAdapter over a
+    small seeded store (global minibatch of MLTP_BATCH rows, no augmentation), or None when
+    the adapter is not available."""
+    try:
+        import numpy as np
+
+        from fewshot.data.store import ImageStore
+        from fewshot.data.supervised import SupervisedAdapter
+    except ImportError:
+        return None
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, size=(40, IMAGE, IMAGE, 1), dtype=np.uint8)
+    labels = np.arange(40) % MLTP_CLASSES
+    store = ImageStore.from_arrays(images, labels, [f"c{k}" for k in range(MLTP_CLASSES)])
+    adapter = SupervisedAdapter(store, batch_size=MLTP_BATCH, seed=11, rank=rank,
+                                world_size=world)
+    it = iter(adapter)
+    return [next(it) for _ in range(STEPS)]
+
+
 def state(learner):
     return {k: v.detach().clone() for k, v in learner.state_dict()["modules"].items()}
 
@@ -192,6 +213,15 @@ def scenario_all(out: Path) -> None:
         D.sync_buffers(learner)
         result["learners"][name] = {"params": params, "state": state(learner),
                                     "buffers_before_sync": buffers}
+    # standard training fed by the SupervisedAdapter's per-rank shares of global minibatches
+    batches = adapter_batches(r, w)
+    result["adapter"] = None
+    if batches is not None:
+        learner = build("standard", seed=100 + r)
+        D.broadcast_module(learner)
+        for b in batches:
+            learner.train_step(b)
+        result["adapter"] = {k: v.detach().clone() for k, v in learner.named_parameters()}
     # evaluation: shard the fixed episodes, gather per-episode values in order
     learner = build("protonet", seed=7 + r)
     D.broadcast_module(learner)

@@ -113,6 +113,30 @@ def test_two_ranks_match_one_process_with_double_meta_batch(two_ranks, name):
 
 
 @pytest.mark.slow
+def test_supervised_adapter_shares_train_like_the_global_minibatch(two_ranks):
+    """SupervisedAdapter(rank, world_size): each rank's halves lie in the global task_i /
+    task_j, and two ranks of standard training equal one process on the global batches."""
+    glob = W.adapter_batches(0, 1)
+    if glob is None or two_ranks[0]["adapter"] is None:
+        pytest.skip("fewshot.data.supervised.SupervisedAdapter not available")
+    shares = [W.adapter_batches(r, 2) for r in (0, 1)]
+    for k, g in enumerate(glob):
+        for part in ("x_i", "x_j"):
+            rows = {tuple(x.flatten().tolist()) for x in getattr(g, part)}
+            mine = [{tuple(x.flatten().tolist()) for x in getattr(s[k], part)} for s in shares]
+            assert all(m <= rows for m in mine) and set().union(*mine) == rows, (k, part)
+            assert all(len(m) == len(rows) // 2 for m in mine)
+    torch.set_num_threads(1)
+    learner = W.build("standard", seed=100)
+    for b in glob:
+        learner.train_step(b)
+    ref = {k: v.detach() for k, v in learner.named_parameters()}
+    for res in two_ranks:
+        for k in ref:
+            assert torch.allclose(res["adapter"][k], ref[k], rtol=1e-5, atol=1e-6), k
+
+
+@pytest.mark.slow
 def test_ranks_hold_identical_state_after_buffer_sync(two_ranks):
     for name in W.LEARNERS:
         s0, s1 = (res["learners"][name]["state"] for res in two_ranks)
