@@ -294,3 +294,44 @@ def test_l2g_grid_larger_than_the_split_is_refused():
 
     with pytest.raises(ConfigError, match="10-way tasks need 10 classes"):
         check_grid(Store(), [5, 10], [1, 5], 15)
+
+
+def _tiny_store(tmp_path, classes, per_class=6, size=4):
+    from fewshot.data.store import ImageStore, write_store
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (classes * per_class, size, size, 1), dtype=np.uint8)
+    labels = np.repeat(np.arange(classes), per_class)
+    path = write_store(tmp_path / "train.h5", images, labels, [f"c{i}" for i in range(classes)],
+                       dataset="tiny", split="train", source="test")
+    return ImageStore.open(path, in_memory=True)
+
+
+def test_pairs_from_the_sampler_are_disjoint_and_accepted(tmp_path):
+    """L2G's pairs come from DisjointPairSampler: over 300 draws (5-way T_i, any-way T_j on 13
+    classes) no class is shared, and the learner trains on them (its own check passes)."""
+    from fewshot.data.episodes import DisjointPairSampler
+
+    store = _tiny_store(tmp_path, classes=13)
+    sampler = DisjointPairSampler(store, {"ways": 5, "shots": 2, "queries": 2},
+                                  {"ways": [3, 5, 8], "shots": [1, 3], "queries": 2}, seed=0)
+    pairs = [sampler.sample() for _ in range(300)]
+    for t_i, t_j in pairs:
+        assert not set(t_i.classes.tolist()) & set(t_j.classes.tolist())
+    assert {t_j.ways for _, t_j in pairs} == {3, 5, 8}  # 5 + 8 = all 13 classes used at times
+    torch.manual_seed(0)
+    learner = get_learner("l2g+protonet")(in_channels=1, image_size=4, backbone=MLP())
+    check = learner._pairs(pairs)  # raises DataError on a shared class
+    assert len(check) == 300
+    out = learner.train_step(pairs[:3])
+    assert torch.isfinite(out["loss"]) and out["acc"].shape == ()
+
+
+def test_pair_request_beyond_the_split_fails_before_training(tmp_path):
+    """Two disjoint 5-way tasks need 10 classes; a split of 8 is refused up front."""
+    from fewshot.data.episodes import DisjointPairSampler
+
+    store = _tiny_store(tmp_path, classes=8)
+    with pytest.raises((ConfigError, DataError), match="5 \\+ 5 = 10 distinct classes"):
+        DisjointPairSampler(store, {"ways": 5, "shots": 1, "queries": 2},
+                            {"ways": 5, "shots": 1, "queries": 2}, seed=0)
