@@ -237,6 +237,13 @@ def convert(x: Tensor, scale: Tensor, shift: Tensor, *, normalize: str = "store"
     if augment is None and normalize != "per_image":
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=fmt)
         out.copy_(x)
+        b, c, h, w = x.shape
+        if channels_last and c > 1 and out.numel():
+            # NHWC memory: a (1,C,1,1) broadcast over the innermost dim of size C is slow;
+            # view rows of W*C values and scale by the per-channel values tiled W times
+            rows = out.permute(0, 2, 3, 1).reshape(b * h, w * c)
+            rows.mul_(scale.reshape(c).repeat(w)).add_(shift.reshape(c).repeat(w))
+            return out
         return out.mul_(scale).add_(shift)
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=fmt)
     out.copy_(x).mul_(1.0 / 255.0)
