@@ -214,6 +214,11 @@ class _Sampler(abc.ABC):
         keep = torch.ones(k, dtype=torch.bool)
         keep[exclude] = False
         avail = torch.nonzero(keep).flatten()
+        if avail.numel() < ways:
+            raise EpisodeSpecError(
+                f"{ways}-way episode: only {avail.numel()} of the {k} classes of "
+                f"{_store_name(self.store)} are not taken by the other task of a disjoint pair; "
+                "lower the ways")
         return avail[torch.randperm(avail.numel(), generator=g)[:ways]]
 
     def _draw_rows(self, g: torch.Generator, classes: Tensor, shots: Tensor,
@@ -504,11 +509,10 @@ class DisjointPairSampler:
     ``{"ways": [5, 7, 10], "shots": [1, 5, 10], "queries": 15}``, as the paper's Table 3),
     or ``DisjointPairSampler(first_sampler, second_sampler, seed=0)`` with two samplers on
     one store. Pair ``i`` draws T_i, then T_j from the classes not in T_i, both from one
-    generator seeded from (seed, i). The store must have at least
-    ``first.min_ways() + second.min_ways()`` classes (checked up front); when an any-way or
-    variable T_j needs more classes than remain, it raises an error at sampling time for
-    the any-way sampler and shrinks N for the variable one (its N is capped by the classes
-    available, as in Meta-Dataset).
+    generator seeded from (seed, i). Checked up front: the store must have at least
+    ``max ways of T_i + max ways of T_j`` classes, except that a variable (Meta-Dataset) T_j
+    needs only its ``min_ways`` more, since its N is capped by the classes left, as in
+    Meta-Dataset.
     """
 
     def __init__(self, store, first=None, second=None, seed: int = 0, **options):
@@ -532,12 +536,14 @@ class DisjointPairSampler:
                 f"disjoint task pairs need {self.first.min_ways()} + {self.second.min_ways()} = "
                 f"{need} distinct classes but {_store_name(store)} has {store.num_classes}; "
                 "lower the ways of T_i or T_j or use a larger split")
-        if isinstance(self.second, AnyWayAnyShotSampler) and (
-                self._max_ways(self.first) + max(self.second.ways_set) > store.num_classes):
+        most = self._max_ways(self.first) + (self.second.min_ways() if isinstance(
+            self.second, VariableEpisodeSampler) else self._max_ways(self.second))
+        if most > store.num_classes:
             raise EpisodeSpecError(
                 f"disjoint task pairs: T_i of up to {self._max_ways(self.first)} ways plus T_j of "
-                f"up to {max(self.second.ways_set)} ways exceed the {store.num_classes} classes "
-                f"of {_store_name(store)}; lower the ways")
+                f"up to {self._max_ways(self.second)} ways can exceed the {store.num_classes} "
+                f"classes of {_store_name(store)}; lower the ways (a variable T_j is capped to the "
+                "classes left, a variable T_i is not)")
 
     @staticmethod
     def _max_ways(s: _Sampler) -> int:

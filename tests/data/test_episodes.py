@@ -205,6 +205,11 @@ def test_disjoint_pairs_never_share_classes(store):
         assert sorted(ai.classes.tolist() + aj.classes.tolist()) == list(range(20))
         assert torch.equal(ai.classes, bi.classes) and torch.equal(aj.query_x, bj.query_x)
     assert a.state_dict()["index"] == 50
+    # a variable (Meta-Dataset) T_j takes N from the classes T_i left: capped, never overlapping
+    var = DisjointPairSampler(store, {"ways": 12, "shots": 1, "queries": 1},
+                              {"variable": True, "min_ways": 3}, seed=0)
+    for ti, tj in var.sample_batch(30):
+        assert 3 <= tj.ways <= 8 and not set(ti.classes.tolist()) & set(tj.classes.tolist())
 
 
 def test_feasibility_errors_name_counts_and_classes():
@@ -220,6 +225,9 @@ def test_feasibility_errors_name_counts_and_classes():
     with pytest.raises(EpisodeSpecError, match=r"3 \+ 4 = 7 distinct classes .* has 6"):
         DisjointPairSampler(st, {"ways": 3, "shots": 1, "queries": 1},
                             {"ways": 4, "shots": 1, "queries": 1})
+    with pytest.raises(EpisodeSpecError, match=r"up to 5 ways plus T_j of up to 2 ways.* 6 classes"):
+        DisjointPairSampler(st, {"ways": [1, 5], "shots": 1, "queries": 1},
+                            {"ways": 2, "shots": 1, "queries": 1})
     with pytest.raises(EpisodeSpecError, match="has only 1"):
         VariableEpisodeSampler(coded_store([1] + [5] * 9), min_ways=2)
     with pytest.raises(ConfigError, match="ways must be >= 1"):
