@@ -335,3 +335,16 @@ def test_per_image_standardization_matches_tensorflow_formula():
         np.testing.assert_allclose(a.numpy().ravel(), (v - v.mean()) / adj, rtol=1e-10, atol=1e-12)
     with pytest.raises(ConfigError, match="unknown augmentation preset 'cifr'. Did you mean 'cifar'"):
         T.get_preset("cifr")
+
+
+def test_torchvision_transforms_per_image_and_seeded():
+    from torchvision.transforms import v2
+
+    x = torch.arange(40 * 3 * 4 * 4, dtype=torch.float32).view(40, 3, 4, 4)
+    t = T.PerImage(v2.RandomHorizontalFlip())
+    a = t(x, generator=torch.Generator().manual_seed(0))
+    b = t(x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    flips = [torch.equal(u, v.flip(-1)) for u, v in zip(a, x)]
+    assert all(torch.equal(u, v) or f for u, v, f in zip(a, x, flips))
+    assert 5 < sum(flips) < 35  # drawn per image, not once for the batch
