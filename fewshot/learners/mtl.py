@@ -404,6 +404,11 @@ class _MTL(Learner):
         return metrics
 
     # ------------------------------------------------------------------------ test
+    def supports_ways(self, ways: int) -> bool:
+        """Any N: :meth:`predict` puts a new N-way head on the features (``ways`` is only
+        the training head's N)."""
+        return ways >= 1
+
     def predict(self, episode) -> Tensor:
         """New zero N-way head, ``eval_steps`` SGD steps on the support set, query logits."""
         check_episode(self, episode)

@@ -286,3 +286,15 @@ def test_meta_transfer_spec_carries_the_papers_settings():
             assert (cfg.train.meta_batch, cfg.train.shots, cfg.train.episodes) == (5, 15, 100000)
     assert betas == {"Transfer": 0.0, "Reptile": 1.0, "MTL+Reptile": 0.9, "MAML": 1.0,
                      "MTL+MAML": 0.9}
+
+
+def test_any_way_evaluation_is_supported():
+    """The evaluator asks ``supports_ways``: MTL fine-tunes a new head, so 35-way cells of a
+    5-way-trained model are evaluated (not reported n/a)."""
+    from fewshot.evaluate import unsupported_reason
+
+    learner = _learner("mtl+maml", MLP())
+    assert learner.config.ways == 3
+    assert unsupported_reason(learner, 35) is None and unsupported_reason(learner, 3) is None
+    e = _episodes(1, ways=6, shots=1, queries=2)[0]
+    assert learner.predict(e).shape == (12, 6)
