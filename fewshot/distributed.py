@@ -117,7 +117,11 @@ def _env_int(name: str) -> Optional[int]:
 def _pick_device(device: Any, local_rank: int) -> torch.device:
     if device is None or str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a device; use auto, cpu, cuda or "
+                          f"cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise DistributedError("device 'cuda' requested but CUDA is not available; "
@@ -140,9 +144,10 @@ def init_from_env(backend: Optional[str] = None, timeout_s: Optional[float] = No
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` (set by
     torchrun, also across nodes through its rendezvous). ``device="auto"`` picks
     ``cuda:LOCAL_RANK`` when CUDA is present (and makes it the current device), else the CPU.
-    ``backend=None`` is ``"nccl"`` on CUDA and ``"gloo"`` on the CPU. ``timeout_s`` (default:
-    ``$FEWSHOT_DIST_TIMEOUT`` seconds, else :data:`DEFAULT_TIMEOUT_S`) bounds every collective: a rank that died or hangs makes the others raise
-    :class:`DistributedError` after at most that long. ``init_timeout_s`` bounds the
+    ``backend=None`` is ``"nccl"`` on CUDA and ``"gloo"`` on the CPU. ``timeout_s``
+    (default: ``$FEWSHOT_DIST_TIMEOUT`` seconds, else :data:`DEFAULT_TIMEOUT_S`) bounds every
+    collective: a rank that died or hangs makes the others raise :class:`DistributedError`
+    after at most that long. ``init_timeout_s`` bounds the
     rendezvous (all ranks joining; default ``max(timeout_s, 300)``, since ranks of a job
     start at different times), after which a rank that never came up is reported the same way.
 

@@ -175,6 +175,8 @@ def test_init_refuses_bad_timeouts_and_missing_cuda(clean_env):
     clean_env.setenv("FEWSHOT_DIST_TIMEOUT", "42")
     assert D.init_from_env(device="cpu").timeout_s == 42.0
     clean_env.delenv("FEWSHOT_DIST_TIMEOUT")
+    with pytest.raises(ConfigError, match="'gpu' is not a device"):
+        D.init_from_env(device="gpu")
     if not torch.cuda.is_available():
         with pytest.raises(DistributedError, match="CUDA is not available"):
             D.init_from_env(device="cuda")
