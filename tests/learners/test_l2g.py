@@ -335,3 +335,31 @@ def test_pair_request_beyond_the_split_fails_before_training(tmp_path):
     with pytest.raises((ConfigError, DataError), match="5 \\+ 5 = 10 distinct classes"):
         DisjointPairSampler(store, {"ways": 5, "shots": 1, "queries": 2},
                             {"ways": 5, "shots": 1, "queries": 2}, seed=0)
+
+
+def test_l2g_with_vanishing_step_is_protonet_on_t_j(one_thread):
+    """α → 0 makes θ' = θ, so L2G + ProtoNet must train exactly as ProtoNet on the T_j episodes:
+    same weights, same BatchNorm running statistics (updated by the outer forward only) and
+    same test logits after 3 steps from the same initialisation (Conv-4 with BatchNorm)."""
+    g = torch.Generator().manual_seed(0)
+    pairs = []
+    for _ in range(2):
+        t_i, t_j = random_episode(size=28, generator=g), random_episode(size=28, generator=g)
+        t_j.classes = t_i.classes + 100
+        pairs.append((t_i, t_j))
+    torch.manual_seed(0)
+    proto_cls = get_learner("protonet")
+    proto = proto_cls(proto_cls.Config(backbone_options={"hidden": 8}), in_channels=1, image_size=28)
+    torch.manual_seed(0)
+    cls = get_learner("l2g+protonet")
+    l2g = cls(cls.Config(inner_lr=1e-30, backbone_options={"hidden": 8}), in_channels=1,
+              image_size=28)
+    for _ in range(3):
+        proto.train_step([t_j for _, t_j in pairs])
+        l2g.train_step(pairs)
+    a, b = proto.encoder.state_dict(), l2g.scorer.encoder.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    proto.eval(), l2g.eval()
+    assert torch.equal(proto.predict(pairs[0][0]), l2g.predict(pairs[0][0]))
