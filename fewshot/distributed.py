@@ -361,29 +361,27 @@ def rank_seed(global_seed: int, rank: int) -> int:
     return int(((int(state[0]) << 32) | int(state[1])) & ((1 << 63) - 1))
 
 
-def split_meta_batch(meta_batch: int, world: int) -> int:
+def split_meta_batch(meta_batch: int, world: int, what: str = "meta-batch") -> int:
     """Tasks per rank M = T / W of a global meta-batch T; raises unless W divides T.
 
     The mean over ranks of per-rank means over M tasks is the mean over the T tasks only
     when every rank has the same M (module docstring), so an uneven split is refused.
+    ``what`` names the setting in the message (e.g. ``"train.meta_batch"``).
     """
     meta_batch, world = int(meta_batch), int(world)
     if world < 1:
         raise DistributedError(f"world size must be >= 1, got {world}")
     if meta_batch < 1:
-        raise ConfigError(f"meta-batch must be >= 1, got {meta_batch}")
+        raise ConfigError(f"{what} must be >= 1, got {meta_batch}")
     if meta_batch % world:
         lo = max(world, meta_batch - meta_batch % world)
+        divisors = [d for d in range(1, meta_batch + 1) if meta_batch % d == 0][:8]
         raise DistributedError(
-            f"meta-batch {meta_batch} cannot be split over world size {world}: each rank must "
-            f"take the same number of tasks; set the meta-batch to a multiple of {world} "
-            f"(e.g. {lo} or {lo + world}) or launch {_divisors_hint(meta_batch)} processes")
+            f"{what} = {meta_batch} cannot be split over world size {world}: each rank must "
+            f"take the same number of tasks; set {what} to a multiple of {world} (e.g. {lo} or "
+            f"{lo + world}) or launch a number of processes that divides {meta_batch} "
+            f"({', '.join(map(str, divisors))})")
     return meta_batch // world
-
-
-def _divisors_hint(n: int) -> str:
-    ds = [d for d in range(1, min(n, 64) + 1) if n % d == 0]
-    return "/".join(str(d) for d in ds)
 
 
 def supervised_rows(batch_size: int, rank: int, world: int) -> Tuple[slice, slice]:

@@ -47,8 +47,10 @@ def test_split_meta_batch():
     assert D.split_meta_batch(8, 1) == 8
     assert D.split_meta_batch(8, 2) == 4
     assert D.split_meta_batch(6, 3) == 2
-    with pytest.raises(DistributedError, match=r"meta-batch 3 cannot be split over world size 2"):
+    with pytest.raises(DistributedError, match=r"meta-batch = 3 cannot be split over world size 2"):
         D.split_meta_batch(3, 2)
+    with pytest.raises(DistributedError, match=r"set train.meta_batch to a multiple of 2 .*\(1, 3\)"):
+        D.split_meta_batch(3, 2, what="train.meta_batch")
     with pytest.raises(DistributedError) as e:
         D.split_meta_batch(10, 4)
     msg = str(e.value)
