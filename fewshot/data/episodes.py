@@ -109,6 +109,7 @@ class EpisodePlan:
     support_y: Tensor
     query_rows: Tensor
     query_y: Tensor
+    rows: Optional[Tensor] = None  # support_rows then query_rows in one tensor (gather order)
 
 
 def _store_name(store) -> str:
@@ -171,6 +172,11 @@ class _Sampler(abc.ABC):
         self._dev_coeffs = None
         self.offsets = torch.as_tensor(np.asarray(store.class_offsets), dtype=torch.int64)
         self.counts = self.offsets[1:] - self.offsets[:-1]
+        self._max_count = int(self.counts.max()) if self.counts.numel() else 0
+        self._uniform = bool(self.counts.numel()) and bool(torch.all(self.counts == self._max_count))
+        self._counts_np = self.counts.numpy()
+        self._offsets_np = self.offsets.numpy()
+        self._slots_np = np.arange(self._max_count)
         self._images = None
 
     # -- store access
@@ -221,25 +227,62 @@ class _Sampler(abc.ABC):
                 "lower the ways")
         return avail[torch.randperm(avail.numel(), generator=g)[:ways]]
 
-    def _draw_rows(self, g: torch.Generator, classes: Tensor, shots: Tensor,
-                   queries: Tensor) -> EpisodePlan:
+    def _draw_rows(self, g: torch.Generator, classes: Tensor, shots, queries) -> EpisodePlan:
         """Distinct rows per class: ``shots[k]`` support then ``queries[k]`` query rows of
-        class ``classes[k]``, by a masked random ranking (one vectorised draw, no loop)."""
-        counts = self.counts[classes]
-        need = shots + queries
-        width = int(counts.max())
-        keys = torch.rand(classes.numel(), width, generator=g)
-        keys.masked_fill_(torch.arange(width)[None, :] >= counts[:, None], 2.0)
-        kmax = int(need.max())
-        pick = torch.topk(keys, kmax, dim=1, largest=False, sorted=True).indices  # (N, kmax)
-        rows = self.offsets[classes][:, None] + pick
-        col = torch.arange(kmax)[None, :]
-        s_mask = col < shots[:, None]
-        q_mask = (col >= shots[:, None]) & (col < need[:, None])
-        labels = torch.arange(classes.numel())[:, None].expand_as(rows)
-        return EpisodePlan(classes=classes.clone(), support_rows=rows[s_mask],
-                           support_y=labels[s_mask].contiguous(), query_rows=rows[q_mask],
-                           query_y=labels[q_mask].contiguous())
+        class ``classes[k]``, by one vectorised random ranking (no per-image loop): keys
+        ``u ~ U[0,1)`` (float32, torch generator) for every image slot of each class, slots
+        past the class size masked out, and the ``shots + queries`` smallest keys taken in
+        ascending order (a stable sort: ties go to the lower slot, the same on every machine).
+        ``shots``/``queries`` are ints (the same for every class) or (N,) tensors. The index
+        arithmetic runs in numpy (small arrays: far less overhead per operation than torch)."""
+        n = classes.numel()
+        cls = classes.numpy()
+        counts = self._counts_np[cls]
+        width = self._max_count if self._uniform else int(counts.max())
+        kmax = shots + queries if isinstance(shots, int) and isinstance(queries, int) else \
+            int(np.max(np.asarray(shots) + np.asarray(queries)))
+        order = self._smallest(torch.rand(n, width, generator=g).numpy(), counts, kmax)
+        if isinstance(shots, int) and isinstance(queries, int):
+            rows = order + self._offsets_np[cls][:, None]
+            flat = np.concatenate([rows[:, :shots].reshape(-1), rows[:, shots:].reshape(-1)])
+            s_y = np.repeat(np.arange(n), shots)
+            q_y = np.repeat(np.arange(n), queries)
+        else:
+            shots = np.broadcast_to(np.asarray(shots, dtype=np.int64), (n,))
+            queries = np.broadcast_to(np.asarray(queries, dtype=np.int64), (n,))
+            need = shots + queries
+            rows = order + self._offsets_np[cls][:, None]
+            col = np.arange(rows.shape[1])[None, :]
+            s_mask = col < shots[:, None]
+            q_mask = (col >= shots[:, None]) & (col < need[:, None])
+            labels = np.broadcast_to(np.arange(n)[:, None], rows.shape)
+            flat = np.concatenate([rows[s_mask], rows[q_mask]])
+            s_y, q_y = labels[s_mask], labels[q_mask]
+        all_rows = torch.from_numpy(flat.astype(np.int64, copy=False))
+        k = s_y.size
+        return EpisodePlan(classes=classes, support_rows=all_rows[:k],
+                           support_y=torch.from_numpy(np.ascontiguousarray(s_y, dtype=np.int64)),
+                           query_rows=all_rows[k:],
+                           query_y=torch.from_numpy(np.ascontiguousarray(q_y, dtype=np.int64)),
+                           rows=all_rows)
+
+    def _smallest(self, keys: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
+        """Slots of the ``k`` smallest keys of each row, ascending, among the first
+        ``counts[row]`` slots. float32 ``U[0,1)`` keys are multiples of 2^-24, so
+        ``key * 2^24 * width + slot`` is an exact integer key that breaks ties by slot: the
+        selection is unique, whatever partition algorithm numpy uses on this machine."""
+        n, width = keys.shape
+        ik = (keys * np.float32(1 << 24)).astype(np.int64)  # exact: 24-bit integers
+        ik *= width
+        ik += self._slots_np[:width][None, :]
+        if not self._uniform:
+            ik[self._slots_np[:width][None, :] >= counts[:, None]] = np.iinfo(np.int64).max
+        if k < width:
+            part = np.argpartition(ik, k - 1, axis=1)[:, :k]
+        else:
+            part = np.broadcast_to(self._slots_np[:width][None, :], (n, width))
+        vals = np.take_along_axis(ik, part, axis=1)
+        return np.take_along_axis(part, np.argsort(vals, axis=1), axis=1)
 
     @abc.abstractmethod
     def plan(self, g: torch.Generator, exclude: Optional[Tensor] = None) -> EpisodePlan:
@@ -269,7 +312,8 @@ class _Sampler(abc.ABC):
         """Gather, convert and split one episode: support and query in one gather."""
         from fewshot.data import transforms as T
 
-        rows = torch.cat([plan.support_rows, plan.query_rows])
+        rows = plan.rows if plan.rows is not None else \
+            torch.cat([plan.support_rows, plan.query_rows])
         x = self.gather(rows).permute(0, 3, 1, 2)  # (n, C, H, W) view of NHWC bytes
         target = self.device
         if self.deliver == "uint8" and target.type != "cpu":
@@ -280,10 +324,11 @@ class _Sampler(abc.ABC):
                       generator=g, channels_last=self.channels_last)
         s = plan.support_rows.numel()
         sx, qx = x[:s], x[s:]
-        base = plan.classes
+        base = plan.classes.numpy()  # store ids of the episode labels (numpy: cheap)
         ep = Episode(support_x=sx, support_y=plan.support_y, query_x=qx, query_y=plan.query_y,
-                     classes=plan.classes, base_support_y=base[plan.support_y],
-                     base_query_y=base[plan.query_y])
+                     classes=plan.classes,
+                     base_support_y=torch.from_numpy(base[plan.support_y.numpy()]),
+                     base_query_y=torch.from_numpy(base[plan.query_y.numpy()]))
         if ep.support_x.device != target or ep.support_y.device != target:
             ep = ep.to(target, non_blocking=True)
         return ep
@@ -346,15 +391,13 @@ class EpisodeSampler(_Sampler):
         self._check_count(f"{self.ways}-way episodes", self.ways)
         self._check_images(f"{self.ways}-way {self.shots}-shot {self.queries}-query episodes",
                            self.shots + self.queries, "shots + queries")
-        self._shots_t = torch.full((self.ways,), self.shots, dtype=torch.int64)
-        self._queries_t = torch.full((self.ways,), self.queries, dtype=torch.int64)
 
     def min_ways(self) -> int:
         return self.ways
 
     def plan(self, g, exclude=None):
         classes = self._choose_classes(g, self.ways, exclude)
-        return self._draw_rows(g, classes, self._shots_t, self._queries_t)
+        return self._draw_rows(g, classes, self.shots, self.queries)
 
     def __repr__(self) -> str:
         return (f"EpisodeSampler({_store_name(self.store)}, ways={self.ways}, shots={self.shots}, "
@@ -391,8 +434,7 @@ class AnyWayAnyShotSampler(_Sampler):
         n = self.ways_set[int(torch.randint(len(self.ways_set), (1,), generator=g))]
         k = self.shots_set[int(torch.randint(len(self.shots_set), (1,), generator=g))]
         classes = self._choose_classes(g, n, exclude)
-        return self._draw_rows(g, classes, torch.full((n,), k, dtype=torch.int64),
-                               torch.full((n,), self.queries, dtype=torch.int64))
+        return self._draw_rows(g, classes, k, self.queries)
 
     def __repr__(self) -> str:
         return (f"AnyWayAnyShotSampler({_store_name(self.store)}, ways={self.ways_set}, "
@@ -462,7 +504,7 @@ class VariableEpisodeSampler(_Sampler):
         r = r / r.sum()
         shots = torch.floor(r * (budget - n)).long() + 1
         shots = torch.minimum(shots, counts - q).clamp(max=self.max_support_per_class)
-        return self._draw_rows(g, classes, shots, torch.full((n,), q, dtype=torch.int64))
+        return self._draw_rows(g, classes, shots, q)
 
     def __repr__(self) -> str:
         return (f"VariableEpisodeSampler({_store_name(self.store)}, ways=[{self.min_ways_}, "
