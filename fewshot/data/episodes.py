@@ -2,6 +2,20 @@
 
 An :class:`Episode` is one N-way few-shot task: a support set and a query set whose labels
 are remapped to ``0..N-1`` (the original class ids are kept in ``classes``).
+
+Samplers (all seeded, all checking up front that the store can satisfy them):
+
+* :class:`EpisodeSampler` -- N-way K-shot Q-query episodes;
+* :class:`AnyWayAnyShotSampler` -- N and K drawn per episode from given sets (L2G, Table 3);
+* :class:`VariableEpisodeSampler` -- Meta-Dataset variable-way variable-shot episodes;
+* :class:`DisjointPairSampler` -- task pairs (T_i, T_j) with disjoint classes (L2G, Alg. 1);
+* :func:`fixed_episodes` -- a fixed list of evaluation episodes (index lists, materialised
+  on access); :class:`EpisodeDataset` / :func:`episode_loader` -- DataLoader workers.
+
+Episode ``i`` of a sampler with seed ``s`` is a function of ``(s, i)`` only: one gather of
+its ``support + query`` rows from the store's uint8 ``(N, H, W, C)`` images
+(``torch.index_select`` in memory, one sorted ``store.read`` when lazy), converted to float
+``(x/255 - mean_c)/std_c`` in ``(B, C, H, W)``.
 """
 from __future__ import annotations
 
