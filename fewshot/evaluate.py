@@ -66,8 +66,20 @@ def check_grid(store, ways: Sequence[int], shots: Sequence[int], queries: int,
                               f"lower --shots or --queries")
 
 
+def plans_fingerprint(plans: Iterable, store=None) -> str:
+    """Digest of episode plans (store rows and labels of every support and query image) and
+    of the store's checksum: equal digests mean the same images in the same roles, on any
+    device (no floating point involved)."""
+    h = hashlib.sha256(str(getattr(store, "checksum", "") or "").encode())
+    for p in plans:
+        for t in (p.classes, p.support_rows, p.support_y, p.query_rows, p.query_y):
+            h.update(torch.as_tensor(t).detach().cpu().to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def episode_fingerprint(episodes: Iterable) -> str:
-    """Digest of episodes' class ids, labels and pixel sums (equal episodes, equal digest)."""
+    """Digest of episodes' class ids, labels and pixel sums (equal episodes, equal digest);
+    used when the episodes carry no plans (see :func:`plans_fingerprint`)."""
     h = hashlib.sha256()
     for ep in episodes:
         for t in (ep.classes, ep.support_y, ep.query_y):
@@ -218,7 +230,9 @@ def evaluate_grid(learner, store, *, ways: Sequence[int], shots: Sequence[int], 
                                              device=device, progress=bar.update if bar else None)
             acc = gather_accuracies(local, episodes, rank, world, all_gather=all_gather)
             transductive = transductive or trans
-            fp = episode_fingerprint(eps[i] for i in range(min(episodes, 20)))
+            plans = getattr(eps, "plans", None)
+            fp = (plans_fingerprint(plans, store) if plans is not None
+                  else episode_fingerprint(eps[i] for i in range(min(episodes, 20))))
             results.append(CellResult(ways=w, shots=s, queries=queries, seed=seed, accuracies=acc,
                                       fingerprint=fp, seconds=round(time.perf_counter() - t0, 3)))
             if bar is not None:
