@@ -21,8 +21,8 @@ median time of one gradient all-reduce of the learner's parameters between the 2
 Step time: per repeat, all ranks meet at a barrier, run ``steps`` training steps (episodes
 already in memory: sampling is not measured) and meet again; the median over repeats after
 warm-up steps. Full: 3x84x84 images, Conv-4 with 64 filters (the ProtoNet paper's
-mini-ImageNet net), 5-way 1-shot 15-query tasks, M = 4. ``--quick``: 1x28x28, 32 filters,
-M = 2, fewer repeats (under a minute on 2 CPU cores). Images are random: the timing does
+mini-ImageNet net), 5-way 1-shot 15-query tasks, M = 2 (about 50 GFLOP per task: minutes
+on 2 CPU cores). ``--quick``: 1x28x28, 32 filters, M = 2 (under a minute on 2 idle cores). Images are random: the timing does
 not depend on their content. On GPU (``--device cuda``) the 1-thread/N-thread distinction
 does not apply and 2 processes need 2 GPUs.
 """
@@ -64,7 +64,7 @@ def worker(args) -> None:
 
     ctx = D.init_from_env(device=args.device, timeout_s=300)
     dev = ctx.device
-    channels, size, hidden, m = ((1, 28, 32, 2) if args.quick else (3, 84, 64, 4))
+    channels, size, hidden, m = ((1, 28, 32, 2) if args.quick else (3, 84, 64, 2))
     ways, shots, queries = 5, 1, 15
     g = torch.Generator().manual_seed(1 + ctx.rank)
 
@@ -163,9 +163,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     q = args.quick
-    args.warmup = args.warmup if args.warmup is not None else (2 if q else 3)
-    args.repeats = args.repeats if args.repeats is not None else (5 if q else 7)
-    args.steps = args.steps if args.steps is not None else (2 if q else 3)
+    args.warmup = args.warmup if args.warmup is not None else (2 if q else 1)
+    args.repeats = args.repeats if args.repeats is not None else (5 if q else 5)
+    args.steps = args.steps if args.steps is not None else (2 if q else 1)
     if args.worker:
         return worker(args)
 
