@@ -22,6 +22,10 @@ A spec is a TOML file::
     eval = { episodes = 200 }
     learners.fomaml.train = { episodes = 100 }   # per-learner quick overrides, by label or name
 
+With --quick the [train] keys apply in this order, later winning: the spec's [train], the
+learner's ``train``, [quick] ``train``, ``quick.learners.<label>.train`` (so a quick run is
+short even for learners whose full entry sets its own ``episodes``).
+
 Every run config is built and validated (learner names and options, the evaluation grid
 against the split) before the first training starts. Each run goes to
 ``OUT/<label>/seed<k>``; a finished run whose config and evaluation match is reused, an
@@ -149,7 +153,8 @@ def load_spec(path, quick: bool = False) -> BenchSpec:
                                       f"of the spec")
             q = per.get(e.label, per.get(e.name, {}))
             e.options = _merge(e.options, q.get("options", {}))
-            e.train = _merge(e.train, q.get("train", {}))
+            # precedence: [train] < learner train < [quick] train < quick.learners.<label>.train
+            e.train = _merge(_merge(e.train, quick_raw.get("train", {})), q.get("train", {}))
         entries.append(e)
     base = {k: dict(raw.get(k, {})) for k in ("data", "train", "eval")}
     seeds = raw.get("seeds", [0])
