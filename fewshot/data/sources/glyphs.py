@@ -24,9 +24,11 @@ Images are uint8 grayscale, ink bright (255) on a dark (0) background, shape
 ``numpy.random.default_rng(seed)`` (PCG64), so a seed gives the same dataset everywhere.
 
 Difficulty, measured on the test classes with seed 0 (see ``tests/data/test_glyphs.py``):
-raw-pixel nearest-prototype 5-way 1-shot accuracy is about 0.58 (5-shot 0.86; chance 0.2), while a
+raw-pixel nearest-prototype 5-way 1-shot accuracy is 0.569 +- 0.007 (5-shot 0.861 +- 0.005;
+chance 0.2; 600 fixed 15-query episodes of the test split, seed 0), while a
 metric learned on the train classes does clearly better (a 4-block conv ProtoNet trained for only
-100 episodes of 20-way 1-shot reaches about 0.90); see the test for the bounds.
+100 episodes of 20-way 1-shot reaches about 0.90 5-way 1-shot; in the test, a 3-block conv
+ProtoNet trained for 60 episodes on 100 characters reaches 0.81 where raw pixels get 0.59).
 """
 from __future__ import annotations
 
