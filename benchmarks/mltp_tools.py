@@ -290,7 +290,7 @@ def _normalised(store, mean, std):
 def run_direct(spec_path, out_dir, quick=False, only=None):
     """Train every learner x seed of a spec with a plain loop over the learners' train_step.
 
-    Kept for a machine where the trainer's supervised adapter is unavailable: each seed draws
+    A second, independent driver (it made the ``*_loop`` replicates): each seed draws
     the same shuffled minibatches for every learner (torch.Generator seeded with (seed,
     epoch)), splits each into its two halves, applies the spec's lr milestones at epoch
     starts as the trainer does, and records test top-1 after every epoch and top-1/top-5 of
@@ -310,12 +310,7 @@ def run_direct(spec_path, out_dir, quick=False, only=None):
     from fewshot.learners.standard import topk_correct
     from fewshot.train import build_learner, seed_everything
 
-    try:
-        from fewshot.data.supervised import TaskPairBatch
-    except ImportError:
-        from collections import namedtuple
-
-        TaskPairBatch = namedtuple("TaskPairBatch", "x_i y_i x_j y_j")
+    from fewshot.data.supervised import TaskPairBatch
     spec = load_spec(spec_path, quick=quick)
     out_dir = Path(out_dir)
     for e in spec.learners:

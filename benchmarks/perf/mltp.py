@@ -28,7 +28,6 @@ import platform
 import statistics
 import sys
 import time
-from collections import namedtuple
 from pathlib import Path
 
 import torch
@@ -38,10 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from fewshot.learners import get_learner  # noqa: E402
 
-try:
-    from fewshot.data.supervised import TaskPairBatch  # noqa: E402
-except ImportError:  # the learners only read these four fields
-    TaskPairBatch = namedtuple("TaskPairBatch", "x_i y_i x_j y_j")
+from fewshot.data.supervised import TaskPairBatch  # noqa: E402
 
 NETS = {
     # name: (classifier, options, channels, size, classes, learner options)

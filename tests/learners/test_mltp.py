@@ -7,7 +7,6 @@ float64, Hessian-vector products from ``torch.func``), or asserts an error.
 from __future__ import annotations
 
 import copy
-from collections import namedtuple
 
 import pytest
 import torch
@@ -18,10 +17,7 @@ from torch.func import functional_call, grad, jvp
 from fewshot.errors import ConfigError, TrainingError
 from fewshot.learners import get_learner
 
-try:
-    from fewshot.data.supervised import TaskPairBatch
-except ImportError:  # the adapter lands separately; the learner only reads these four fields
-    TaskPairBatch = namedtuple("TaskPairBatch", "x_i y_i x_j y_j")
+from fewshot.data.supervised import TaskPairBatch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small convolutions on a shared 2-core machine
 
@@ -125,7 +121,7 @@ def test_eq5_gap_shrinks_quadratically_in_alpha(f64):
     for a in (0.08, 0.04, 0.02):
         learner = make(eta=eta, learn_alpha=False, alpha_mean=a, alpha_std=0.0)
         learner.model.load_state_dict(model.state_dict())
-        J = learner.objective(*b)["J"].detach()
+        J = learner.objective(b.x_i, b.y_i, b.x_j, b.y_j)["J"].detach()
         gaps.append(float(J - (first_order - eta * a * dot)))
     assert abs(gaps[0]) > 1e-7  # the second-order term is really there
     for big, small in zip(gaps, gaps[1:]):
@@ -142,13 +138,13 @@ def test_gradients_of_J_match_central_differences(f64):
     params = list(learner.model.parameters())
     alpha = learner.inner.alpha
     assert alpha.numel() == 2  # one α per layer: the conv and the head
-    J = learner.objective(*b)["J"]
+    J = learner.objective(b.x_i, b.y_i, b.x_j, b.y_j)["J"]
     g_w = torch.autograd.grad(J, params + [alpha])
     g_alpha = g_w[-1]
 
     def J_at():
         with torch.no_grad():
-            return float(learner.objective(*b)["J"])
+            return float(learner.objective(b.x_i, b.y_i, b.x_j, b.y_j)["J"])
 
     eps = 1e-6
     for k in range(alpha.numel()):
@@ -190,7 +186,7 @@ def test_first_order_gradient_is_full_gradient_without_hessian_term(f64):
     names = [n for n, _ in full.model.named_parameters()]
 
     def grads(learner):
-        out = learner.objective(*b)
+        out = learner.objective(b.x_i, b.y_i, b.x_j, b.y_j)
         gs = torch.autograd.grad(out["J"], list(learner.model.parameters()) + [learner.inner.alpha])
         return dict(zip(names, gs[:-1])), gs[-1], out["J"].detach()
 
@@ -227,7 +223,7 @@ def test_first_order_with_partial_adaptation_matches_torch_func(f64):
     torch.manual_seed(4)
     b = batch(seed=4)
     learner = make("mltp", adapt="conv", first_order=True, eta=1.0, alpha_mean=0.05, alpha_std=0.0)
-    out = learner.objective(*b)
+    out = learner.objective(b.x_i, b.y_i, b.x_j, b.y_j)
     names = [n for n, _ in learner.model.named_parameters()]
     gs = dict(zip(names, torch.autograd.grad(out["J"], list(learner.model.parameters()))))
     model = copy.deepcopy(learner.model)
@@ -250,7 +246,7 @@ def test_variant_inner_step_moves_only_its_layers(f64, name, kind):
     owners = {f"{m_name}.{p_name}": m for m_name, m in model.named_modules()
               for p_name, _ in m.named_parameters(recurse=False)}
     before = as_dict(model)
-    w1 = learner.objective(*b)["adapted"].named_params()
+    w1 = learner.objective(b.x_i, b.y_i, b.x_j, b.y_j)["adapted"].named_params()
     P = {n: p.detach() for n, p in copy.deepcopy(model).named_parameters()}
     gi = grad(losses(model, P, b)[0])(P)
     sizes = learner.step_sizes()
@@ -297,7 +293,7 @@ def test_batchnorm_running_stats_updated_once_by_task_j_forward():
                    learn_alpha=False)
     b = batch(seed=7, dtype=torch.float32)
     bn = learner.model.features.bn
-    w1 = {n: p.detach() for n, p in learner.objective(*b)["adapted"].named_params().items()}
+    w1 = {n: p.detach() for n, p in learner.objective(b.x_i, b.y_i, b.x_j, b.y_j)["adapted"].named_params().items()}
     # independent: a fresh copy at w' sees only x_j, once
     fresh = copy.deepcopy(learner.model)
     fresh.features.bn.reset_running_stats()
@@ -339,7 +335,7 @@ def test_alpha_is_learned_clamped_or_refused():
         err.train_step(b)
     # learned: one Adam step moves every α by about lr, in the direction of −∂J/∂α
     learn = make("mltp", lr=1e-3, alpha_mean=0.01, alpha_std=0.0)
-    out = learn.objective(*b)
+    out = learn.objective(b.x_i, b.y_i, b.x_j, b.y_j)
     g_alpha = torch.autograd.grad(out["J"], learn.inner.alpha)[0]
     learn.train_step(b)
     torch.testing.assert_close(learn.inner.alpha.detach(), 0.01 - 1e-3 * torch.sign(g_alpha),
@@ -420,7 +416,7 @@ def test_train_step_is_one_optimiser_step_on_grad_J(f64, name):
     b = batch(seed=13)
     learner = make(name, lr=1e-2, weight_decay=1e-3, alpha_mean=0.05, alpha_std=0.01)
     ref = copy.deepcopy(learner)
-    out = ref.objective(*b)
+    out = ref.objective(b.x_i, b.y_i, b.x_j, b.y_j)
     params = list(ref.model.parameters()) + [ref.inner.alpha]
     gs = torch.autograd.grad(out["J"], params)
     opt = torch.optim.Adam([{"params": params[:-1], "weight_decay": 1e-3},

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from collections import namedtuple
 
 import pytest
 import torch
@@ -13,10 +12,7 @@ from fewshot.errors import ConfigError, TrainingError
 from fewshot.learners import get_learner
 from fewshot.learners.standard import topk_correct
 
-try:
-    from fewshot.data.supervised import TaskPairBatch
-except ImportError:  # the adapter lands separately; the learner only reads these four fields
-    TaskPairBatch = namedtuple("TaskPairBatch", "x_i y_i x_j y_j")
+from fewshot.data.supervised import TaskPairBatch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small convolutions on a shared 2-core machine
 
