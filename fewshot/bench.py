@@ -200,20 +200,30 @@ class BenchResult:
                 vals.append(v)
             lines.append(f"| {label} | " + " | ".join(vals) + f" | {self.seconds.get(label, 0):.0f} |")
         first = next(iter(self.table), "")
-        n = sorted({st["episodes"] for row in self.table.values() for st in row.values()})
-        lines += ["", f"Accuracy % ± 95% CI over the same {', '.join(map(str, n))} test episodes "
-                      f"(top-1 columns: test images) per cell (1.96·sample std/√n of the per-episode accuracy averaged over "
-                      f"{len(self.spec.seeds)} seed(s)); sd: std of the per-seed means. "
-                      f"*/†: significantly above/below {first} (paired 95% CI of the difference "
-                      f"excludes 0)."]
+        n = sorted({st["episodes"] for row in self.table.values() for (_, sh), st in row.items()
+                    if sh})
+        seeds = len(self.spec.seeds)
+        text = (f"Accuracy % ± 95% CI per cell over the same {', '.join(map(str, n))} fixed test "
+                f"episodes (1.96·sample std/√n of the per-episode accuracy"
+                + (f" averaged over {seeds} seeds; sd: std of the per-seed means" if seeds > 1 else "")
+                + ")")
+        if any(sh == 0 for _, sh in cells):
+            text += "; top-1 columns: every test image"
+        if len(self.table) > 1:
+            text += (f". */†: significantly above/below {first} (paired 95% CI of the "
+                     f"per-episode differences excludes 0)")
+        lines += ["", text + "."]
         for label, note in self.notes.items():
             flags = []
             if note.get("fine_tunes"):
                 flags.append("fine-tunes on the support set")
             if note.get("transductive_bn"):
                 flags.append("transductive BatchNorm")
+            by_reason: Dict[str, List[str]] = {}
             for cell, reason in note.get("skipped", {}).items():
-                flags.append(f"{cell.replace('x', '-way ')}-shot n/a ({reason})")
+                by_reason.setdefault(reason, []).append(cell.replace("x", "-way ") + "-shot")
+            for reason, cs in by_reason.items():
+                flags.append(f"n/a for {', '.join(cs)}: {reason}")
             if flags:
                 lines.append(f"- {label}: {'; '.join(flags)}.")
         return "\n".join(lines) + "\n"

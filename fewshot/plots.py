@@ -108,7 +108,7 @@ def plot_bench(table: Dict[str, Dict[Tuple[int, int], Tuple[float, float]]], pat
     series = {name: ([v.get(c, (nan, nan))[0] for c in cells], [v.get(c, (nan, nan))[1] for c in cells])
               for name, v in table.items()}
     _bars(ax, [f"top-1 ({w} cl.)" if s == 0 else f"{w}-way {s}-shot" for w, s in cells], series)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if title:
         ax.set_title(title)
     return _save(fig, path)
