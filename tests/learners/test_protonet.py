@@ -62,10 +62,11 @@ def test_train_step_loss_is_cross_entropy_of_definition(tiny_net, make_episode):
 def test_learns_glyphs(learn_glyphs):
     torch.manual_seed(0)
     cls = get_learner("protonet")
-    learner = cls(cls.Config(backbone_options={"hidden": 16}), in_channels=1, image_size=28)
-    before, after = learn_glyphs(learner, steps=80)
-    # 5-way 1-shot: chance 0.2; an untrained embedding already gives ~0.5 on glyphs
-    assert after > 0.72 and after - before > 0.15, (before, after)
+    learner = cls(cls.Config(lr=3e-3, backbone_options={"hidden": 16}), in_channels=1,
+                  image_size=28)
+    before, after = learn_glyphs(learner, steps=100)
+    # 5-way 1-shot: chance 0.2; the untrained embedding gives 0.52, trained 0.80 (measured)
+    assert after > 0.75 and after - before > 0.2, (before, after)
 
 
 def test_errors(tiny_net, make_episode):
