@@ -114,10 +114,20 @@ def evaluate_run(run: Run, *, ways: Optional[Sequence[int]] = None, shots: Optio
 
 def _evaluate_supervised(learner, store, cfg, device, split, label, step) -> GridResult:
     """Top-1 accuracy over every image of ``split`` as one cell (ways = classes, shots 0)."""
+    from fewshot.data.store import open_split
     from fewshot.report import CellResult
     from fewshot.train import supervised_correct
 
-    correct = supervised_correct(learner, store, cfg.train.batch_size, device)
+    train = open_split(cfg.data.dataset, cfg.data.train_split, cfg.data.root, in_memory=False)
+    try:
+        same = train.class_names == store.class_names
+    finally:
+        train.close()
+    if not same:
+        raise ConfigError(f"supervised learner '{cfg.learner.name}' classifies the classes of split "
+                          f"'{cfg.data.train_split}'; split '{split}' holds other classes: evaluate "
+                          f"on a split of the same classes (e.g. --split test of a CIFAR store)")
+    correct = supervised_correct(learner, store, cfg.train.batch_size, device, cfg.data.augment)
     cell = CellResult(ways=int(store.num_classes), shots=0, queries=0, seed=0, accuracies=correct,
                       fingerprint=f"{getattr(store, 'checksum', '') or ''}"[:16])
     return GridResult(learner=cfg.learner.name, dataset=cfg.data.dataset, split=split, cells=[cell],

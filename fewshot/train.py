@@ -432,11 +432,11 @@ class Trainer:
         if kind == "supervised":
             from fewshot.data.supervised import SupervisedAdapter
 
-            if t.batch_size % (2 * self.world):
-                raise ConfigError(f"train.batch_size = {t.batch_size} must split into two "
-                                  f"half-batch tasks on each of {self.world} ranks")
-            return SupervisedAdapter(self.train_store, batch_size=t.batch_size // self.world,
-                                     augment=aug, seed=seed, device=dev)
+            # the adapter takes the global batch and this rank's share of each of its halves;
+            # every rank shuffles with the global seed (the same permutation on all ranks)
+            return SupervisedAdapter(self.train_store, batch_size=t.batch_size, augment=aug,
+                                     seed=self.config.train.seed, device=dev, rank=self.rank,
+                                     world_size=self.world)
         raise ConfigError(f"learner '{self.config.learner.name}' has input_kind {kind!r}; the "
                           f"trainer knows episodes, pairs and supervised")
 
@@ -485,10 +485,14 @@ class Trainer:
             self._apply_milestones(epoch)
             if hasattr(self.sampler, "set_epoch"):
                 self.sampler.set_epoch(epoch)
-            for i, batch in enumerate(self.sampler):
-                if i < skip:
-                    continue
-                yield batch
+            if skip and hasattr(self.sampler, "batch") and hasattr(self.sampler, "permutation"):
+                perm = self.sampler.permutation(epoch)  # resume inside an epoch: batches skip..
+                for b in range(skip, per_epoch):
+                    yield self.sampler.batch(epoch, b, perm).to(self.device)
+            else:
+                for i, batch in enumerate(self.sampler):
+                    if i >= skip:
+                        yield batch
             skip = 0
             epoch += 1
 
@@ -714,10 +718,10 @@ class Trainer:
     def _validate_supervised(self):
         from fewshot.report import mean_ci
 
-        if self.val_store.num_classes != self.train_store.num_classes:
+        if self.val_store.class_names != self.train_store.class_names:
             return None  # a supervised classifier can only be validated on its own classes
         correct = supervised_correct(self.learner, self.val_store, self.config.train.batch_size,
-                                     self.device)
+                                     self.device, self.config.data.augment)
         m, _, ci = mean_ci(correct)
         return m, ci
 
@@ -746,8 +750,9 @@ class Trainer:
         atomic_write_text(path, "".join(x + "\n" for x in keep))
 
 
-def supervised_correct(learner, store, batch_size: int, device) -> List[float]:
-    """Per-image 0/1 correctness of ``learner.predict_batch`` on every image of ``store``."""
+def supervised_correct(learner, store, batch_size: int, device, augment=None) -> List[float]:
+    """Per-image 0/1 correctness of ``learner.predict_batch`` on every image of ``store``,
+    normalised as the training preset ``augment`` does at test time."""
     from fewshot.data.supervised import SupervisedAdapter
 
     was = learner.training
@@ -755,7 +760,8 @@ def supervised_correct(learner, store, batch_size: int, device) -> List[float]:
     out: List[float] = []
     try:
         with torch.no_grad():
-            for x, y in SupervisedAdapter.eval_batches(store, batch_size, device=device):
+            for x, y in SupervisedAdapter.eval_batches(store, batch_size, device=device,
+                                                       augment=augment):
                 logits = learner.predict_batch(x.to(device))
                 out.extend((logits.argmax(-1) == y.to(device)).float().cpu().tolist())
     finally:

@@ -265,3 +265,47 @@ def test_any_way_and_variable_episodes_train(glyphs_root, tmp_path, write_config
     run = train(cfg, out=tmp_path / "var", evaluate=False, train__variable=True, train__episodes=1,
                 train__meta_batch=1)
     assert run.step == 1 and np.isfinite(run.metrics("train")[0]["loss"])
+
+
+def test_supervised_training_milestones_and_mid_epoch_resume(glyphs_root, tmp_path, monkeypatch):
+    """Standard (supervised) training: lr milestones per epoch, top-1 evaluation over every
+    image, and a resume from inside an epoch that ends with the uninterrupted weights."""
+    from fewshot.api import train
+    from fewshot.config import dump_toml
+    from fewshot.learners import get_learner
+    from fewshot.train import Interrupted
+
+    cfg = tmp_path / "sup.toml"
+    cfg.write_text(dump_toml({
+        "data": {"dataset": "glyphs", "root": str(glyphs_root), "train_split": "test",
+                 "val_split": "test", "test_split": "test"},
+        "learner": {"name": "standard", "backbone": "conv4", "backbone_options": {"hidden": 8}},
+        "train": {"epochs": 2, "batch_size": 100, "lr_milestones": [1], "lr_gamma": 0.5,
+                  "log_every": 1, "val_every": 1, "checkpoint_every": 0, "quiet": True,
+                  "device": "cpu", "threads": 1},
+        "eval": {"checkpoint": "last"}}))
+    full = train(cfg, out=tmp_path / "full")
+    rows = full.metrics("train")
+    assert len(rows) == 10 and [r["step"] for r in rows] == list(range(1, 11))  # 500 images / 100
+    lr0 = rows[0]["lr"]
+    assert all(r["lr"] == lr0 for r in rows[:5]) and all(r["lr"] == 0.5 * lr0 for r in rows[5:])
+    cell = full.results.cells[0]
+    assert (cell.ways, cell.shots, cell.episodes) == (25, 0, 500)
+    assert set(cell.accuracies) <= {0.0, 1.0}
+
+    cls = get_learner("standard")
+    real = cls.train_step
+
+    def interrupt_at_7(self, batch):
+        out = real(self, batch)
+        if self.steps_done == 7:
+            os.kill(os.getpid(), signal.SIGINT)  # lands in the trainer's handler
+        return out
+
+    monkeypatch.setattr(cls, "train_step", interrupt_at_7)
+    with pytest.raises(Interrupted) as e:
+        train(cfg, out=tmp_path / "part")
+    assert e.value.step == 7 and e.value.exit_code == 130
+    monkeypatch.setattr(cls, "train_step", real)
+    train(None, out=tmp_path / "part", resume=True, evaluate=False)
+    _assert_same_state(_weights(tmp_path / "full")[1], _weights(tmp_path / "part")[1])
