@@ -590,7 +590,7 @@ def explain() -> str:
     out = ["fewshot run config (TOML). Tables and keys, with defaults:", ""]
     for table, cls in (("data", DataConfig), ("learner", LearnerSection), ("train", TrainConfig),
                        ("eval", EvalConfig)):
-        out.append(f"[{table}]  {cls.__doc__.splitlines()[0]}")
+        out.append(f"[{table}]  {cls.__doc__.splitlines()[0].split(': ', 1)[-1]}")
         hints = _hints(cls)
         for f in fields(cls):
             default = f.default if f.default is not MISSING else f.default_factory()
