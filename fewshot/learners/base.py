@@ -87,7 +87,8 @@ class Learner(nn.Module):
         self.in_channels = int(in_channels)
         self.image_size = int(image_size)
         self.num_classes = num_classes
-        self._given_backbone = backbone
+        # not registered here: the learner registers it where it uses it (no duplicate keys)
+        object.__setattr__(self, "_given_backbone", backbone)
         self.optimizers: Dict[str, torch.optim.Optimizer] = {}
         self.schedulers: Dict[str, Any] = {}
         self.steps_done = 0
@@ -119,19 +120,27 @@ class Learner(nn.Module):
         p = next(self.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
-    def outer_step(self, optimizer_name: str = "meta", params: Optional[Iterable[Tensor]] = None) -> None:
+    def outer_step(self, optimizer_name: str = "meta", params: Optional[Iterable[Tensor]] = None,
+                   clip_norm: float = 0.0, clip_groups: Optional[Iterable[Iterable[Tensor]]] = None) -> None:
         """Average gradients over ranks (when torch.distributed runs) and step the optimiser.
 
         The ``higher`` inner loop bypasses DDP's module wrapper, so the all-reduce is
         explicit here: each rank's gradient is the mean over its share of the meta-batch,
-        and the mean over ranks is the mean over the global meta-batch.
+        and the mean over ranks is the mean over the global meta-batch. With ``clip_norm``
+        > 0 each of ``clip_groups`` (default: all the optimiser's parameters as one group)
+        has its global gradient norm clipped *after* the average, so clipping sees the same
+        gradient as in one process.
         """
         opt = self.optimizers[optimizer_name]
         if params is None:
             params = [p for g in opt.param_groups for p in g["params"]]
+        params = list(params)
         from fewshot.distributed import all_reduce_mean_grads
 
         all_reduce_mean_grads(params)
+        if clip_norm > 0:
+            for group in (clip_groups if clip_groups is not None else [params]):
+                torch.nn.utils.clip_grad_norm_(list(group), clip_norm)
         opt.step()
         sched = self.schedulers.get(optimizer_name)
         if sched is not None:

@@ -128,10 +128,8 @@ class RelationNet(Learner):
             accs.append(accuracy(scores.detach(), ep.query_y))
         loss = torch.stack(losses).mean()
         self.check_finite(loss, self.steps_done)
-        if self.config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.config.grad_clip)
-            torch.nn.utils.clip_grad_norm_(self.relation.parameters(), self.config.grad_clip)
-        self.outer_step("meta")
+        self.outer_step("meta", clip_norm=self.config.grad_clip,
+                        clip_groups=[self.encoder.parameters(), self.relation.parameters()])
         self.steps_done += 1
         return {"loss": loss, "acc": torch.stack(accs).mean()}
 
