@@ -5,13 +5,13 @@ ProtoNet loss, functional_call + grad, no ``higher``), in float64 with a tight t
 """
 from __future__ import annotations
 
-import numpy as np
 import sys
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad
 
@@ -20,7 +20,7 @@ from fewshot.errors import ConfigError, DataError
 from fewshot.learners import get_learner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import TinyNet, random_episode  # noqa: E402
+from conftest import random_episode  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
