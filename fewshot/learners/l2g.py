@@ -59,7 +59,8 @@ from torch import Tensor, nn
 from fewshot.errors import ConfigError, DataError
 from fewshot.inner_loop import BN_POLICIES, InnerLoop
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
-from fewshot.learners.protonet import check_episode, prototypes, squared_euclidean_logits
+from fewshot.learners.protonet import (check_episode, check_lr_halve_every, halve_lr_every,
+                                       prototypes, squared_euclidean_logits)
 from fewshot.learners.registry import register_learner
 from fewshot.learners.relationnet import class_sums
 
@@ -181,9 +182,7 @@ class L2GConfig(LearnerConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(isinstance(self.lr_halve_every, int) and self.lr_halve_every >= 0,
-                f"learner option 'lr_halve_every' must be an integer >= 0 (0 = never), "
-                f"got {self.lr_halve_every!r}")
+        check_lr_halve_every(self.lr_halve_every)
         require(self.inner_lr > 0, f"learner option 'inner_lr' (α of L2G eq. 3) must be > 0, "
                                    f"got {self.inner_lr}")
         require(isinstance(self.inner_steps, int) and self.inner_steps >= 1,
@@ -215,9 +214,7 @@ class _BilevelMetric(Learner):
                                first_order=cfg.first_order, bn=cfg.bn)
         params = list(self.scorer.parameters()) + list(self.inner.parameters())
         self.optimizers["meta"] = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if cfg.lr_halve_every:
-            self.schedulers["meta"] = torch.optim.lr_scheduler.StepLR(
-                self.optimizers["meta"], step_size=cfg.lr_halve_every, gamma=0.5)
+        halve_lr_every(self, cfg.lr_halve_every)
 
     # the base learner X -------------------------------------------------------------------
     def build_scorer(self) -> nn.Module:

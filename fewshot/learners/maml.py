@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.inner_loop import ADAPT_PRESETS, BN_POLICIES, InnerLoop
-from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
-from fewshot.learners.protonet import check_batch, check_episode
+from fewshot.learners.base import Learner, LearnerConfig, require
+from fewshot.learners.protonet import check_batch, check_episode, mean_episode_update
 from fewshot.learners.registry import register_learner
 
 __all__ = ["MAML", "FOMAML", "HeadNet", "eval_mode", "check_positive_int"]
@@ -181,20 +181,7 @@ class MAML(Learner):
         """
         episodes = check_batch(self, batch, self.config.ways)
         self.train()
-        opt = self.optimizers["meta"]
-        opt.zero_grad(set_to_none=True)
-        losses, accs = [], []
-        n = len(episodes)
-        for ep in episodes:
-            loss, logits = self.task_loss(ep)
-            (loss / n).backward()
-            losses.append(loss.detach())
-            accs.append(accuracy(logits.detach(), ep.query_y))
-        loss = torch.stack(losses).mean()
-        self.check_finite(loss, self.steps_done)
-        self.outer_step("meta")
-        self.steps_done += 1
-        return {"loss": loss, "acc": torch.stack(accs).mean()}
+        return mean_episode_update(self, episodes, self.task_loss)
 
     def predict(self, episode) -> Tensor:
         """Fine-tune on the support set for ``eval_steps`` steps, return query logits."""

@@ -19,7 +19,7 @@ returns the logits −d(f_φ(x), c_k) of the episode's queries.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
 from fewshot.learners.registry import register_learner
 
 __all__ = ["ProtoNet", "prototypes", "squared_euclidean_logits", "check_images",
-           "check_batch"]
+           "check_batch", "check_lr_halve_every", "halve_lr_every", "mean_episode_update"]
 
 
 def check_images(learner: Learner, x: Tensor, what: str = "episode") -> None:
@@ -106,6 +106,47 @@ def squared_euclidean_logits(queries: Tensor, protos: Tensor) -> Tensor:
     return -(diff * diff).sum(-1)
 
 
+def check_lr_halve_every(value) -> None:
+    """ConfigError unless the option ``lr_halve_every`` is an integer >= 0 (0 = never)."""
+    require(isinstance(value, int) and value >= 0,
+            f"learner option 'lr_halve_every' must be an integer >= 0 (0 = never), "
+            f"got {value!r}")
+
+
+def halve_lr_every(learner: Learner, every: int, optimizer_name: str = "meta") -> None:
+    """Halve the learning rate of ``learner.optimizers[optimizer_name]`` every ``every`` outer
+    steps (a StepLR with gamma 0.5, stepped by :meth:`Learner.outer_step`); 0 = constant."""
+    if every:
+        learner.schedulers[optimizer_name] = torch.optim.lr_scheduler.StepLR(
+            learner.optimizers[optimizer_name], step_size=every, gamma=0.5)
+
+
+def mean_episode_update(learner: Learner, episodes: List,
+                        episode_loss: Callable[[object], Tuple[Tensor, Tensor]],
+                        optimizer_name: str = "meta", **outer_options) -> Dict[str, Tensor]:
+    """One outer step on the mean of ``episode_loss`` over ``episodes``; returns loss / acc.
+
+    ``episode_loss(ep) -> (loss, (Q, N) scores)``. Each episode's ``loss / n`` is
+    back-propagated on its own, so its graph is freed before the next episode is processed
+    (memory holds one task at a time); the gradient is that of the mean. Then a
+    non-finite check, :meth:`Learner.outer_step` (``outer_options``: clipping) and the
+    step count. Metrics: mean loss and mean query accuracy of the scores' arg-max.
+    """
+    learner.optimizers[optimizer_name].zero_grad(set_to_none=True)
+    losses, accs = [], []
+    n = len(episodes)
+    for ep in episodes:
+        loss, scores = episode_loss(ep)
+        (loss / n).backward()
+        losses.append(loss.detach())
+        accs.append(accuracy(scores.detach(), ep.query_y))
+    loss = torch.stack(losses).mean()
+    learner.check_finite(loss, learner.steps_done)
+    learner.outer_step(optimizer_name, **outer_options)
+    learner.steps_done += 1
+    return {"loss": loss, "acc": torch.stack(accs).mean()}
+
+
 @register_learner("protonet")
 class ProtoNet(Learner):
     """Prototypical Networks: nearest class mean in a learned embedding (Snell et al. 2017)."""
@@ -131,9 +172,7 @@ class ProtoNet(Learner):
 
         def validate(self) -> None:
             super().validate()
-            require(isinstance(self.lr_halve_every, int) and self.lr_halve_every >= 0,
-                    f"learner option 'lr_halve_every' must be an integer >= 0 (0 = never), "
-                    f"got {self.lr_halve_every!r}")
+            check_lr_halve_every(self.lr_halve_every)
 
     def __init__(self, config=None, *, in_channels, image_size, num_classes=None, backbone=None):
         super().__init__(config, in_channels=in_channels, image_size=image_size,
@@ -141,9 +180,7 @@ class ProtoNet(Learner):
         #: the embedding f_φ, (B, C, H, W) -> (B, D)
         self.encoder = self.make_backbone()
         self.optimizers["meta"] = torch.optim.Adam(self.encoder.parameters(), lr=self.config.lr)
-        if self.config.lr_halve_every:
-            self.schedulers["meta"] = torch.optim.lr_scheduler.StepLR(
-                self.optimizers["meta"], step_size=self.config.lr_halve_every, gamma=0.5)
+        halve_lr_every(self, self.config.lr_halve_every)
 
     def episode_logits(self, episode) -> Tensor:
         """(Q, N) logits −‖f_φ(x̃) − c_k‖² of the episode's queries.
@@ -157,24 +194,16 @@ class ProtoNet(Learner):
         protos = prototypes(z[:s], episode.support_y, episode.ways)
         return squared_euclidean_logits(z[s:], protos)
 
+    def episode_loss(self, episode) -> Tuple[Tensor, Tensor]:
+        """(J(φ) = cross-entropy of the query logits (Snell et al. eq. 2-3), logits)."""
+        logits = self.episode_logits(episode)
+        return F.cross_entropy(logits, episode.query_y), logits
+
     def train_step(self, batch) -> Dict[str, Tensor]:
         """One Adam step on J(φ) averaged over the episodes of ``batch``."""
         episodes = check_batch(self, batch)
         self.train()
-        opt = self.optimizers["meta"]
-        opt.zero_grad(set_to_none=True)
-        losses, accs = [], []
-        for ep in episodes:
-            logits = self.episode_logits(ep)
-            loss = F.cross_entropy(logits, ep.query_y)
-            (loss / len(episodes)).backward()
-            losses.append(loss.detach())
-            accs.append(accuracy(logits.detach(), ep.query_y))
-        loss = torch.stack(losses).mean()
-        self.check_finite(loss, self.steps_done)
-        self.outer_step("meta")
-        self.steps_done += 1
-        return {"loss": loss, "acc": torch.stack(accs).mean()}
+        return mean_episode_update(self, episodes, self.episode_loss)
 
     def predict(self, episode) -> Tensor:
         """Query logits from the support prototypes; no fine-tuning (Snell et al.)."""

@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fewshot.errors import ConfigError
-from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
+from fewshot.learners.base import Learner, LearnerConfig, require
 from fewshot.learners.maml import check_positive_int
-from fewshot.learners.protonet import check_batch, check_episode
+from fewshot.learners.protonet import (check_batch, check_episode, halve_lr_every,
+                                       mean_episode_update)
 from fewshot.learners.registry import register_learner
 
 __all__ = ["RelationNet", "class_sums"]
@@ -97,9 +98,7 @@ class RelationNet(Learner):
         #: d_φ: concatenated pairs (P, 2C, h, w) -> scores (P,)
         self.relation = RelationModule.for_backbone(self.encoder, hidden=c.relation_hidden)
         self.optimizers["meta"] = torch.optim.Adam(self.parameters(), lr=c.lr)
-        if c.lr_halve_every:
-            self.schedulers["meta"] = torch.optim.lr_scheduler.StepLR(
-                self.optimizers["meta"], step_size=c.lr_halve_every, gamma=0.5)
+        halve_lr_every(self, c.lr_halve_every)
 
     def episode_scores(self, episode) -> Tensor:
         """(Q, N) relation scores s_{c,m} (L2G eq. 10) of the episode's queries."""
@@ -118,20 +117,9 @@ class RelationNet(Learner):
         """One Adam step on the mean MSE over the episodes of ``batch``."""
         episodes = check_batch(self, batch)
         self.train()
-        opt = self.optimizers["meta"]
-        opt.zero_grad(set_to_none=True)
-        losses, accs = [], []
-        for ep in episodes:
-            loss, scores = self.episode_loss(ep)
-            (loss / len(episodes)).backward()
-            losses.append(loss.detach())
-            accs.append(accuracy(scores.detach(), ep.query_y))
-        loss = torch.stack(losses).mean()
-        self.check_finite(loss, self.steps_done)
-        self.outer_step("meta", clip_norm=self.config.grad_clip,
-                        clip_groups=[self.encoder.parameters(), self.relation.parameters()])
-        self.steps_done += 1
-        return {"loss": loss, "acc": torch.stack(accs).mean()}
+        return mean_episode_update(
+            self, episodes, self.episode_loss, clip_norm=self.config.grad_clip,
+            clip_groups=[self.encoder.parameters(), self.relation.parameters()])
 
     def predict(self, episode) -> Tensor:
         """Relation scores (Q, N) of the queries; no fine-tuning (Sung et al.)."""
