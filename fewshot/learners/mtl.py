@@ -75,7 +75,7 @@ from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
 from fewshot.learners.maml import check_positive_int, eval_mode
 from fewshot.learners.protonet import check_batch, check_episode
 from fewshot.learners.registry import register_learner
-from fewshot.learners.reptile import minibatch_indices
+from fewshot.learners.reptile import minibatch_indices, minibatch_loss
 
 __all__ = ["MTLNet", "MTLConfig", "MTLMAML", "MTLReptile", "sub_batches"]
 
@@ -311,15 +311,8 @@ class _MTL(Learner):
         batches = [b.to(x.device) for b in sub_batches(x.shape[0], self.config.inner_steps,
                                                        self.config.inner_batch, self._rng)]
         last = {}
-
-        def loss_fn(net):
-            b = batches[net.step]
-            logits = net(x[b])
-            loss = F.cross_entropy(logits, y[b])
-            last["loss"], last["acc"] = loss.detach(), accuracy(logits.detach(), y[b])
-            return loss
-
-        adapted = self.inner.adapt(loss_fn, differentiable=differentiable)
+        adapted = self.inner.adapt(minibatch_loss(x, y, batches, last),
+                                   differentiable=differentiable)
         return adapted, last
 
     def _meta_side(self, episodes) -> Dict[str, Tensor]:

@@ -41,7 +41,7 @@ from fewshot.learners.maml import HeadNet, check_positive_int, eval_mode
 from fewshot.learners.protonet import check_batch, check_episode
 from fewshot.learners.registry import register_learner
 
-__all__ = ["Reptile", "minibatch_indices"]
+__all__ = ["Reptile", "minibatch_indices", "minibatch_loss"]
 
 
 def minibatch_indices(n: int, batch: Optional[int], steps: int, generator: torch.Generator) -> List[Tensor]:
@@ -57,6 +57,22 @@ def minibatch_indices(n: int, batch: Optional[int], steps: int, generator: torch
     need = steps * batch
     order = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-need // n))])
     return [order[t * batch:(t + 1) * batch] for t in range(steps)]
+
+
+def minibatch_loss(x: Tensor, y: Tensor, batches: List[Tensor], last: Dict[str, Tensor]):
+    """Inner-loop loss ``loss_fn(net)`` for :meth:`InnerLoop.adapt`: step t's cross-entropy
+    on the rows ``batches[t]`` of (x, y). ``last`` receives the detached ``loss`` and
+    ``acc`` of the latest step's mini-batch (before its update), so the training metrics
+    need no extra forward pass."""
+
+    def loss_fn(net):
+        rows = batches[net.step]
+        logits = net(x[rows])
+        loss = F.cross_entropy(logits, y[rows])
+        last["loss"], last["acc"] = loss.detach(), accuracy(logits.detach(), y[rows])
+        return loss
+
+    return loss_fn
 
 
 @register_learner("reptile")
@@ -157,15 +173,8 @@ class Reptile(Learner):
         last accuracy), the loss and accuracy of the last step's mini-batch before its update."""
         batches = minibatch_indices(len(y), batch, steps, generator)
         last = {}
-
-        def loss_fn(net):
-            rows = batches[net.step]
-            logits = net(x[rows])
-            loss = F.cross_entropy(logits, y[rows])
-            last["loss"], last["acc"] = loss.detach(), accuracy(logits.detach(), y[rows])
-            return loss
-
-        adapted = self.loop.adapt(loss_fn, steps=steps, differentiable=False)
+        adapted = self.loop.adapt(minibatch_loss(x, y, batches, last), steps=steps,
+                                  differentiable=False)
         return adapted, last.get("loss"), last.get("acc")
 
     def train_step(self, batch) -> Dict[str, Tensor]:
