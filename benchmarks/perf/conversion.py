@@ -25,21 +25,16 @@ Timings are medians over repeats after one warm-up. Full: 20 classes x 600 image
 """
 from __future__ import annotations
 
-import argparse
 import csv
-import json
-import os
 import pickle
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, load_average, machine, median_time, parser, write_json  # noqa: E402
 
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
@@ -49,20 +44,9 @@ from fewshot.data.sources import mini_imagenet  # noqa: E402
 from fewshot.data.store import ImageStore  # noqa: E402
 
 
-def machine() -> str:
-    return (f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, "
-            f"python {platform.python_version()}, h5py {h5py.__version__}, "
-            f"load average {os.getloadavg()[0]:.1f}")
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def describe_machine() -> str:
+    return machine(None, f"python {platform.python_version()}", f"h5py {h5py.__version__}",
+                   load_average(), with_torch=False)
 
 
 def synthetic_images(rng, n: int) -> np.ndarray:
@@ -103,9 +87,7 @@ def episode_reader(store, rng):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", help="write the results here")
+    ap = parser(__doc__, json_help="write the results here")
     args = ap.parse_args()
     k, per, n_jpeg, reps = (8, 100, 400, 2) if args.quick else (20, 600, 2000, 3)
     rng = np.random.default_rng(0)
@@ -189,7 +171,7 @@ def main() -> None:
             metrics["lazy_episodes_per_s"] / metrics["memory_episodes_per_s"], 3)
 
     cmd = "python benchmarks/perf/conversion.py" + (" --quick" if args.quick else "")
-    result = {"benchmark": "conversion", "machine": machine(), "command": cmd,
+    result = {"benchmark": "conversion", "machine": describe_machine(), "command": cmd,
               "metrics": metrics, "ratios": ratios}
     width = max(len(key) for key in list(metrics) + list(ratios))
     print(f"conversion benchmark ({'quick' if args.quick else 'full'}) on {result['machine']}")
@@ -199,10 +181,7 @@ def main() -> None:
     for key, val in ratios.items():
         print(f"  {key:<{width}}  {val}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        tmpname = Path(args.json).with_suffix(".json.tmp")
-        tmpname.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmpname, args.json)
+        write_json(args.json, indent=1, **result)
 
 
 if __name__ == "__main__":

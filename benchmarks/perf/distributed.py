@@ -31,26 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-
-def machine(device: str) -> str:
-    import torch
-
-    cpu = f"{platform.machine()} x{os.cpu_count()}"
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, torch " \
-               f"{torch.__version__}, {cpu}"
-    return f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__}, {cpu}"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, machine, median, parser, write_json  # noqa: E402
 
 
 # ------------------------------------------------------------------ one rank
@@ -102,7 +90,7 @@ def worker(args) -> None:
         sync()
         times.append((time.perf_counter() - t0) / args.steps)
     result = {"world": ctx.world_size, "threads": args.threads, "meta_batch_per_rank": m,
-              "step_s": statistics.median(times), "step_s_all": times,
+              "step_s": median(times), "step_s_all": times,
               "params": sum(p.numel() for p in learner.parameters())}
     if ctx.world_size > 1:  # one gradient all-reduce of the learner's parameters alone
         params = [p for p in learner.parameters()]
@@ -116,7 +104,7 @@ def worker(args) -> None:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             ar.append(time.perf_counter() - t0)
-        result["allreduce_s"] = statistics.median(ar)
+        result["allreduce_s"] = median(ar)
     if ctx.rank == 0:
         Path(args.out).write_text(json.dumps(result))
     D.shutdown()
@@ -150,9 +138,7 @@ def launch(args, world: int, threads: int) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", type=Path)
+    ap = parser(__doc__)
     ap.add_argument("--learner", default="protonet", choices=("protonet", "maml"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -194,7 +180,7 @@ def main(argv=None):
         f" --learner {args.learner} --device {args.device}"
     m = runs["1proc_1thread"]["meta_batch_per_rank"]
     shape = "1x28x28, Conv-4/32" if q else "3x84x84, Conv-4/64"
-    print(f"# distributed ({args.learner}, {args.device}) on {machine(args.device)}; {shape}, "
+    print(f"# distributed ({args.learner}, {args.device}) on {machine(args.device, threads=False)}; {shape}, "
           f"5-way 1-shot 15-query, meta-batch {m} per rank; median of {args.repeats} x "
           f"{args.steps} steps after {args.warmup} warm-up")
     print(f"{'configuration':<20}{'processes':>10}{'threads':>9}{'step (ms)':>11}{'episodes/s':>12}")
@@ -208,13 +194,8 @@ def main(argv=None):
     for k, v in ratios.items():
         print(f"{k:<34}{v:>8.2f}")
     if args.json:
-        payload = {"benchmark": "distributed", "machine": machine(args.device),
-                   "command": command, "metrics": metrics, "ratios": ratios}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.json.parent, prefix=args.json.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, "distributed", machine=machine(args.device, threads=False),
+                   command=command, metrics=metrics, ratios=ratios)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import load_average, machine, median, parser, write_json, write_text  # noqa: E402
 
 from fewshot.data.episodes import EpisodeSampler  # noqa: E402
 from fewshot.data.store import ImageStore, write_store  # noqa: E402
@@ -78,14 +75,12 @@ def lazy_child(path: str, n: int) -> None:
     for _ in range(5):
         sampler.sample()
     rates = [rate(sampler.sample, n) for _ in range(3)]
-    print(json.dumps({"rate": statistics.median(rates), "peak_rss_mb": _status_mb("VmHWM"),
+    print(json.dumps({"rate": median(rates), "peak_rss_mb": _status_mb("VmHWM"),
                       "growth_mb": _status_mb("VmHWM") - base}))
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", type=Path)
+    ap = parser(__doc__)
     ap.add_argument("--md", type=Path)
     ap.add_argument("--lazy-child", nargs=2, metavar=("PATH", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -120,10 +115,8 @@ def main(argv=None) -> dict:
             round(m["ours_channels_last_episodes_per_s"] / m["bare_episodes_per_s"], 3),
         "lazy_over_in_memory": round(m["lazy_episodes_per_s"] / m["ours_episodes_per_s"], 3),
     }
-    load = os.getloadavg()[0]
     out = {"benchmark": "episodes",
-           "machine": f"{platform.machine()} x{os.cpu_count()}, torch {torch.__version__}, "
-                      f"1 torch thread, load average {load:.1f}",
+           "machine": machine(None, load_average()),
            "command": "python benchmarks/perf/episodes.py" + (" --quick" if args.quick else ""),
            "metrics": m, "ratios": ratios}
     table = [("ours (EpisodeSampler)", m["ours_episodes_per_s"]),
@@ -147,14 +140,9 @@ def main(argv=None) -> dict:
     text = "\n".join(lines)
     print(text)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmpj = args.json.with_suffix(".json.tmp")
-        tmpj.write_text(json.dumps(out, indent=1) + "\n")
-        os.replace(tmpj, args.json)
+        write_json(args.json, indent=1, **out)
     if args.md:
-        tmpm = args.md.with_suffix(".md.tmp")
-        tmpm.write_text(text + "\n")
-        os.replace(tmpm, args.md)
+        write_text(args.md, text + "\n")
     return out
 
 
@@ -226,7 +214,7 @@ def run(store: ImageStore, n: int, repeats: int, quick: bool) -> dict:
     for _ in range(repeats):  # interleaved so load changes hit every pipeline alike
         for k, fn in runs.items():
             got[k].append(rate(fn, n))
-    return {f"{k}_episodes_per_s": round(statistics.median(v), 1) for k, v in got.items()} | {
+    return {f"{k}_episodes_per_s": round(median(v), 1) for k, v in got.items()} | {
         "repeats": repeats, "episodes_per_repeat": n}
 
 

@@ -21,19 +21,14 @@ depend on their content.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, median, parser, sync, write_json  # noqa: E402
 
 from fewshot.data.episodes import Episode  # noqa: E402
 from fewshot.learners import get_learner  # noqa: E402
@@ -50,11 +45,6 @@ def make_episode(g, ways, shots, queries, channels, size, offset, device):
                    base_support_y=classes[sy], base_query_y=classes[qy]).to(device)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_steps(learner, batches, warmup, repeats, device):
     for k in range(warmup):
         learner.train_step(batches[k % len(batches)])
@@ -66,21 +56,11 @@ def time_steps(learner, batches, warmup, repeats, device):
         float(out["loss"])  # the step's result reaches the host
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def machine(device) -> str:
-    cpu = f"{platform.machine()} x{os.cpu_count()}"
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {cpu}"
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads), " \
-           f"torch {torch.__version__}, {cpu}"
+    return median(times)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", type=Path)
+    ap = parser(__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: on a shared machine, OpenMP threads contending "
@@ -138,13 +118,8 @@ def main(argv=None):
     for k, v in ratios.items():
         print(f"{k:<34}{v:>8.2f}")
     if args.json:
-        payload = {"benchmark": "l2g_mtl_steps", "machine": machine(device), "command": command,
-                   "metrics": metrics, "ratios": ratios}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.json.parent, prefix=args.json.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, "l2g_mtl_steps", machine=machine(device), command=command,
+                   metrics=metrics, ratios=ratios)
 
 
 if __name__ == "__main__":

@@ -39,28 +39,19 @@ import argparse
 import copy
 import json
 import os
-import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command, machine, median, parser, write_json  # noqa: E402
 
 FULL = dict(channels=3, size=84, hidden=64, meta_batch=4, warmup=1, repeats=3, mem_steps=(1, 5, 10))
 QUICK = dict(channels=1, size=28, hidden=32, meta_batch=2, warmup=1, repeats=7, mem_steps=(5,))
 WAYS, SHOTS, QUERIES, INNER_LR, OUTER_LR = 5, 1, 15, 0.01, 1e-3
-
-
-def machine() -> str:
-    import torch
-
-    return (f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
 
 
 def rss_mib() -> float:
@@ -177,9 +168,7 @@ def run_worker(args_list, threads: int, memory: bool = False) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", type=Path)
+    ap = parser(__doc__)
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads per process (1: stable timings on a shared machine)")
     ap.add_argument("--part", choices=("all", "time", "memory"), default="all",
@@ -217,8 +206,8 @@ def main(argv=None):
         times = run_worker([*quick, "--kind", "time"], args.threads)
         for order in ("second", "first"):
             t = {impl: times[f"{order}/{impl}"] for impl in ("ours", "l2l")}
-            cpu = {k: statistics.median(c for _, c in v) for k, v in t.items()}
-            wall = {k: statistics.median(w for w, _ in v) for k, v in t.items()}
+            cpu = {k: median(c for _, c in v) for k, v in t.items()}
+            wall = {k: median(w for w, _ in v) for k, v in t.items()}
             metrics[f"{order}_order_step_s"] = {
                 "cpu": cpu, "wall": wall,
                 "all_wall_cpu": {k: [list(x) for x in v] for k, v in t.items()}}
@@ -252,15 +241,9 @@ def main(argv=None):
         if "_peak_" in k and args.part == "time":
             print(f"(kept from {args.json}) {k}: ours {v['ours']:.1f} MiB, l2l {v['l2l']:.1f} MiB")
     if args.json:
-        payload = {"benchmark": "maml", "machine": machine(),
-                   "command": " ".join(["python", "benchmarks/perf/maml.py", *sys.argv[1:]]),
-                   "metrics": metrics, "ratios": ratios, "params": {k: list(v) if isinstance(v, tuple)
-                                                                    else v for k, v in p.items()}}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.json.parent, prefix=args.json.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, "maml", machine=machine(), command=command("maml.py"),
+                   metrics=metrics, ratios=ratios,
+                   params={k: list(v) if isinstance(v, tuple) else v for k, v in p.items()})
 
 
 if __name__ == "__main__":

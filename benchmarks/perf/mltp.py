@@ -21,19 +21,16 @@ repeats) finishes in under a minute on 2 CPU cores.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command, median, parser, sync, write_json  # noqa: E402
 
 from fewshot.learners import get_learner  # noqa: E402
 
@@ -124,11 +121,6 @@ def build(name, net, device):
     return cls(cfg, in_channels=ch, image_size=size, num_classes=classes).to(device)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def peak_memory(learner, b, device):
     """Peak memory of one ``train_step`` (see the module docstring for what is counted)."""
     if device.type == "cuda":
@@ -162,16 +154,15 @@ def measure(names, net, batch, warmup, repeats, device):
             sync(device)
             if r >= warmup:
                 times[n].append(time.perf_counter() - t0)
-    out = {n: (statistics.median(times[n]), peak_memory(learners[n], batches[-1], device))
+    out = {n: (median(times[n]), peak_memory(learners[n], batches[-1], device))
            for n in names}
     del learners
     return out
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small batches, few repeats (< 1 min)")
-    ap.add_argument("--json", type=Path, help="write the results here")
+    ap = parser(__doc__, quick_help="small batches, few repeats (< 1 min)",
+                json_help="write the results here")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     ap.add_argument("--nets", default="cnet1,resnet18", help="comma-separated subset")
@@ -210,25 +201,16 @@ def main(argv=None):
                 print(f"target {key} <= {lim}: {'met' if v <= lim else 'MISSED'} ({v:.2f})")
     print(f"total {time.perf_counter() - t_all:.1f}s")
     if args.json:
-        out = {
-            "benchmark": "mltp",
-            "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "torch": torch.__version__, "device": str(device),
-                        "device_name": (torch.cuda.get_device_name(device)
-                                        if device.type == "cuda" else platform.machine())},
-            "command": "python benchmarks/perf/mltp.py " + " ".join(argv if argv is not None
-                                                                      else sys.argv[1:]),
-            "memory": mem_kind,
-            "plan": {n: {"batch": b, "warmup": w, "repeats": r, "learners": ls}
-                     for n, (b, w, r, ls) in plan.items()},
-            "metrics": metrics,
-            "ratios": ratios,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(f".{args.json.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(out, indent=1) + "\n")
-        os.replace(tmp, args.json)
+        write_json(
+            args.json, "mltp", indent=1,
+            machine={"platform": platform.platform(), "processor": platform.processor(),
+                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                     "torch": torch.__version__, "device": str(device),
+                     "device_name": (torch.cuda.get_device_name(device)
+                                     if device.type == "cuda" else platform.machine())},
+            command=command("mltp.py", argv), metrics=metrics, ratios=ratios, memory=mem_kind,
+            plan={n: {"batch": b, "warmup": w, "repeats": r, "learners": ls}
+                  for n, (b, w, r, ls) in plan.items()})
     return 0
 
 

@@ -19,19 +19,14 @@ the Makefile's glibc allocator settings (re-executing itself to set them), the s
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
-import platform
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command, machine, median, parser, write_json  # noqa: E402
 
 FULL = dict(channels=3, size=84, hidden=64, warmup=2, repeats=15)
 QUICK = dict(channels=1, size=28, hidden=32, warmup=3, repeats=30)
@@ -41,17 +36,8 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": 
 WAYS, SHOTS, QUERIES, LR = 5, 5, 15, 1e-3
 
 
-def machine() -> str:
-    import torch
-
-    return (f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", type=Path)
+    ap = parser(__doc__)
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads (1: stable timings on a shared machine)")
     args = ap.parse_args(argv)
@@ -106,7 +92,7 @@ def main(argv=None):
             t = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: median(v) for k, v in times.items()}
     ratio = med["ours"] / med["plain"]
     print(f"ProtoNet training step, {'quick' if args.quick else 'full'}: {c}x{s}x{s}, "
           f"Conv-4({p['hidden']}), 5-way 5-shot 15-query; {machine()}")
@@ -115,17 +101,11 @@ def main(argv=None):
           f"{ratio:7.3f}")
     print(f"first-step loss: ours {l_ours:.6f}, plain {l_plain:.6f}")
     if args.json:
-        payload = {"benchmark": "protonet", "machine": machine(),
-                   "command": " ".join(["python", "benchmarks/perf/protonet.py", *sys.argv[1:]]),
-                   "metrics": {"step_s": {"ours": med["ours"], "plain": med["plain"],
-                                          "ours_all": times["ours"], "plain_all": times["plain"]},
-                               "first_loss": {"ours": l_ours, "plain": l_plain}},
-                   "ratios": {"time_ours_over_plain": ratio}, "params": p}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.json.parent, prefix=args.json.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, "protonet", machine=machine(), command=command("protonet.py"),
+                   metrics={"step_s": {"ours": med["ours"], "plain": med["plain"],
+                                       "ours_all": times["ours"], "plain_all": times["plain"]},
+                            "first_loss": {"ours": l_ours, "plain": l_plain}},
+                   ratios={"time_ours_over_plain": ratio}, params=p)
 
 
 if __name__ == "__main__":
