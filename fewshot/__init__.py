@@ -1,2 +1,16 @@
-"""fewshot: episodic few-shot meta-learning on PyTorch."""
+"""fewshot: episodic few-shot meta-learning on PyTorch.
+
+``fewshot.train(config)`` and ``fewshot.evaluate(run, ways=[5], shots=[1, 5])`` are the
+short Python API (see :mod:`fewshot.api`); they are imported on first use so that
+``import fewshot`` stays light.
+"""
 __version__ = "0.1.0"
+__all__ = ["train", "evaluate", "compare", "__version__"]
+
+
+def __getattr__(name):
+    if name in ("train", "evaluate", "compare"):
+        from fewshot import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'fewshot' has no attribute {name!r}")

@@ -261,12 +261,25 @@ def _cmd_train(args) -> int:
     if _launched_by_torchrun():  # torchrun --nproc_per_node=N -m fewshot train ...
         from fewshot import distributed
 
-        distributed.init_from_env()
+        distributed.init_from_env(device=_train_device(args))
         try:
             return _train(args)
         finally:
             distributed.shutdown()
     return _train(args)
+
+
+def _train_device(args) -> str:
+    """The device a torchrun rank trains on (picks the backend: gloo for CPU, nccl for CUDA):
+    --device, else the config's train.device (with --set overrides), else auto."""
+    if args.device:
+        return args.device
+    from fewshot.config import load_config
+
+    source = args.config or (str(Path(args.resume) / "config.toml") if args.resume else None)
+    if source is None:
+        return "auto"
+    return load_config(source, list(args.overrides)).train.device
 
 
 def _train(args) -> int:

@@ -406,6 +406,16 @@ class Trainer:
                        what="second training task (train.pair)")
         check_grid(self.val_store, [self.val_ways], [self.val_shots], t.queries,
                    what=f"validation episodes on split '{d.val_split}' (train.val_ways/val_shots)")
+        from fewshot.learners import get_learner
+
+        validate_task = getattr(get_learner(self.config.learner.name), "validate_task", None)
+        if validate_task is not None and not t.variable:
+            # a learner's own limits on its training tasks (e.g. MTL's k sub-batches), checked
+            # on a learner built for the purpose, before any training starts
+            probe = build_learner(self.config, device="cpu", **self.data_shape)
+            for ways in _as_list(t.ways):
+                for shots in _as_list(t.shots):
+                    probe.validate_task(ways, shots, t.queries)
 
     @property
     def val_ways(self) -> int:
@@ -445,10 +455,26 @@ class Trainer:
 
         return split_meta_batch(self.config.train.meta_batch, self.world)
 
+    def _broadcast_weights(self) -> None:
+        """Every rank starts from rank 0's weights (not only from equal seeds)."""
+        if self.world > 1:
+            from fewshot.distributed import broadcast_module
+
+            broadcast_module(self.learner)
+
+    def _sync_statistics(self) -> None:
+        """Average BatchNorm running statistics over ranks, so validation and checkpoints see
+        one network (a collective: all ranks call it at the same steps)."""
+        if self.world > 1:
+            from fewshot.distributed import sync_buffers
+
+            sync_buffers(self.learner)
+
     def _save_last(self, step: int, trainer_state: Dict[str, Any]) -> None:
         """checkpoints/last.pt; with several ranks, every rank's sampler and RNG states are
         gathered into it (a collective: all ranks call this at the same steps)."""
         extra = dict(trainer_state)
+        self._sync_statistics()
         if self.world > 1:
             from fewshot.distributed import all_gather_object
 
@@ -530,6 +556,7 @@ class Trainer:
         seed_everything(t.seed)  # the same initial weights on every rank
         self.learner = build_learner(cfg, device=self.device, **self.data_shape)
         self.learner.train()
+        self._broadcast_weights()
         seed_everything(rank_seed(t.seed, self.rank))
         self.per_rank = self._per_rank_batch() if kind != "supervised" else 1
         self.sampler = self._build_sampler(kind, rank_seed(t.seed, self.rank))
@@ -565,6 +592,7 @@ class Trainer:
             prior_seconds = float(tr.get("train_seconds", 0.0))
             if mine.get("rng") is not None:
                 ckpt.set_rng_state(mine["rng"])
+            self._broadcast_weights()
             if self.is_writer:
                 self._truncate_metrics(metrics_path, step)
         elif self.is_writer:
@@ -689,7 +717,8 @@ class Trainer:
         if evaluate:
             from fewshot.api import evaluate_run
 
-            run.results = evaluate_run(run, learner=self.learner, quiet=t.quiet, device=self.device)
+            run.results = evaluate_run(run, learner=self.learner, quiet=t.quiet, device=self.device,
+                                       rank=self.rank, world=self.world, write=self.is_writer)
         return run
 
     # ------------------------------------------------------------------ helpers
@@ -707,6 +736,7 @@ class Trainer:
         from fewshot.report import mean_ci
 
         n = self.config.train.val_episodes
+        self._sync_statistics()
         if kind == "supervised":
             return self._validate_supervised()
         local, _ = evaluate_episodes(self.learner, self.val_eps, shard_indices(n, self.rank, self.world),
