@@ -80,18 +80,24 @@ def _coerce(value, default):
     return value
 
 
-def _call(fn, name: str, fixed: dict, opts: dict, *args):
-    params = inspect.signature(fn).parameters
-    allowed = [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY and p not in fixed
-               and p != "dataset"]
-    kwargs = dict(fixed)
+def _options(params, allowed: List[str], name: str, opts: dict) -> dict:
+    """``opts`` (strings from the command line, or values) checked against the ``allowed``
+    parameter names of a converter and coerced to the type of each one's default."""
+    kwargs = {}
     for key, value in opts.items():
         if key not in allowed:
             raise ConfigError(f"option '{key}' is not understood by `fewshot data prepare {name}`"
                               f": {unknown_name('option', key, allowed)}")
         default = params[key].default
         kwargs[key] = _coerce(value, None if default is inspect.Parameter.empty else default)
-    return fn(*args, **kwargs)
+    return kwargs
+
+
+def _call(fn, name: str, fixed: dict, opts: dict, *args):
+    params = inspect.signature(fn).parameters
+    allowed = [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY and p not in fixed
+               and p != "dataset"]
+    return fn(*args, **fixed, **_options(params, allowed, name, opts))
 
 
 def prepare(name: str, from_path=None, root=None, **opts) -> List[Path]:
@@ -109,13 +115,7 @@ def prepare(name: str, from_path=None, root=None, **opts) -> List[Path]:
         from fewshot.data.sources import glyphs
         params = inspect.signature(glyphs.prepare).parameters
         allowed = [p for p in params if p not in ("root", "from_path")]
-        kw = {}
-        for k, v in opts.items():
-            if k not in allowed:
-                raise ConfigError(f"option '{k}' is not understood by `fewshot data prepare "
-                                  f"glyphs`: {unknown_name('option', k, allowed)}")
-            d = params[k].default
-            kw[k] = _coerce(v, None if d is inspect.Parameter.empty else d)
+        kw = _options(params, allowed, name, opts)
         out_dir.mkdir(parents=True, exist_ok=True)
         return [Path(p) for p in glyphs.prepare(out_dir, **kw)]
     if from_path is None:

@@ -318,15 +318,21 @@ class StoreWriter:
         os.replace(self.tmp_path, self.path)
 
     def _abort(self) -> None:
-        if self._file is not None:
-            try:
-                self._file.close()
-            except Exception:
-                pass
-            self._file = None
+        _close_quietly(self._file)
+        self._file = None
         try:
             self.tmp_path.unlink()
         except FileNotFoundError:
+            pass
+
+
+def _close_quietly(handle) -> None:
+    """Close an h5py file (or None) on a path that is already failing or ending: a second
+    error from the close must not hide the first one."""
+    if handle is not None:
+        try:
+            handle.close()
+        except Exception:
             pass
 
 
@@ -688,12 +694,8 @@ class ImageStore:
         if self._parts is not None:
             for p in self._parts:
                 p.close()
-        if self._file is not None:
-            try:
-                self._file.close()
-            except Exception:
-                pass
-            self._file = None
+        _close_quietly(self._file)
+        self._file = None
 
     def __enter__(self) -> "ImageStore":
         return self
