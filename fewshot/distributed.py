@@ -28,9 +28,11 @@ Episodic meta-training (MAML, ProtoNet, ..., L2G).
 Supervised training (MLTP, standard).
     Every rank draws the *same* permutation of the training set (the global seed, like
     ``DistributedSampler``); a global minibatch of B rows is split by the paper into
-    task_i = rows [0, B/2) and task_j = rows [B/2, B) (MLTP Algorithm 1). Rank r takes
-    rows ``[r·b, (r+1)·b)`` of task_i and the same rows of task_j, ``b = B/(2W)``
-    (:func:`supervised_rows`), so its two halves are sub-batches of the paper's task_i and
+    task_i = rows [0, B/2) and task_j = rows [B/2, B) (MLTP Algorithm 1). The trainer's
+    ``SupervisedAdapter(rank=r, world_size=W)`` gives rank r the strided rows r, r+W, ... of
+    task_i and of task_j (B/(2W) of each); for a batch already in memory,
+    :func:`split_supervised_batch` takes the contiguous rows ``[r·b, (r+1)·b)`` of each half
+    (``b = B/(2W)``). Either way a rank's two halves are sub-batches of the paper's task_i and
     task_j and the W ranks together cover the global minibatch exactly once.
 
 Evaluation.
