@@ -74,22 +74,27 @@ class GlyphEpisodes:
         self.splits = {"train": (x[train], y[train]), "test": (x[~train], y[~train] - num_train)}
         self.num_classes = {"train": num_train, "test": num_test}
 
-    def sampler(self, split="train", ways=5, shots=1, queries=5, seed=0):
-        x, y = self.splits[split]
-        g = torch.Generator().manual_seed(seed)
+    def episode(self, split, classes, shots, queries, g) -> Episode:
+        """The episode on ``classes`` (ids within ``split``; label = position in it) with
+        ``shots`` + ``queries`` random distinct images per class drawn with generator ``g``."""
+        x, _ = self.splits[split]
         k = self.per_class
+        sx, sy, qx, qy = [], [], [], []
+        for label, c in enumerate(classes.tolist()):
+            rows = c * k + torch.randperm(k, generator=g)[:shots + queries]
+            sx.append(x[rows[:shots]]), qx.append(x[rows[shots:]])
+            sy += [label] * shots
+            qy += [label] * queries
+        sy, qy = torch.tensor(sy), torch.tensor(qy)
+        return Episode(torch.cat(sx), sy, torch.cat(qx), qy, classes,
+                       base_support_y=classes[sy], base_query_y=classes[qy])
+
+    def sampler(self, split="train", ways=5, shots=1, queries=5, seed=0):
+        g = torch.Generator().manual_seed(seed)
 
         def sample() -> Episode:
             classes = torch.randperm(self.num_classes[split], generator=g)[:ways]
-            sx, sy, qx, qy = [], [], [], []
-            for label, c in enumerate(classes.tolist()):
-                rows = c * k + torch.randperm(k, generator=g)[:shots + queries]
-                sx.append(x[rows[:shots]]), qx.append(x[rows[shots:]])
-                sy += [label] * shots
-                qy += [label] * queries
-            sy, qy = torch.tensor(sy), torch.tensor(qy)
-            return Episode(torch.cat(sx), sy, torch.cat(qx), qy, classes,
-                           base_support_y=classes[sy], base_query_y=classes[qy])
+            return self.episode(split, classes, shots, queries, g)
 
         return sample
 

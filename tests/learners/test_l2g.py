@@ -205,22 +205,12 @@ def test_bad_options(options, match):
 
 def _glyph_pairs(glyphs, ways, shots, queries, seed):
     """(T_i, T_j) on 2N distinct train classes of the test fixture's glyphs (sampler-free)."""
-    x, y = glyphs.splits["train"]
-    k = glyphs.per_class
     g = torch.Generator().manual_seed(seed)
-
-    def task(classes):
-        sx, sy, qx, qy = [], [], [], []
-        for label, c in enumerate(classes.tolist()):
-            rows = c * k + torch.randperm(k, generator=g)[:shots + queries]
-            sx.append(x[rows[:shots]]), qx.append(x[rows[shots:]])
-            sy += [label] * shots
-            qy += [label] * queries
-        return Episode(torch.cat(sx), torch.tensor(sy), torch.cat(qx), torch.tensor(qy), classes)
 
     def sample():
         classes = torch.randperm(glyphs.num_classes["train"], generator=g)[:2 * ways]
-        return task(classes[:ways]), task(classes[ways:])
+        return (glyphs.episode("train", classes[:ways], shots, queries, g),
+                glyphs.episode("train", classes[ways:], shots, queries, g))
 
     return sample
 
