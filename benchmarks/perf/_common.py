@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
@@ -92,6 +92,25 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
         fn()
         times.append(time.perf_counter() - t)
     return median(times)
+
+
+def interleaved_times(fns: Dict[str, Callable[[], object]], warmup: int, repeats: int,
+                      cpu_time: bool = False) -> Dict[str, List]:
+    """Time each of ``fns`` ``repeats`` times after ``warmup`` untimed rounds, round-robin
+    (one call of each in turn, so a change of load on the shared machine hits all sides
+    alike). Returns ``{name: [wall seconds]}``, or with ``cpu_time`` ``{name: [(wall
+    seconds, process CPU seconds)]}``; take the medians of these."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t, c = time.perf_counter(), time.process_time()
+            f()
+            wall = time.perf_counter() - t
+            times[k].append((wall, time.process_time() - c) if cpu_time else wall)
+    return times
 
 
 def command(script: str, argv: Optional[Sequence[str]] = None) -> str:

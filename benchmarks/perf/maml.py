@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command, machine, median, parser, write_json  # noqa: E402
+from _common import command, interleaved_times, machine, median, parser, write_json  # noqa: E402
 
 FULL = dict(channels=3, size=84, hidden=64, meta_batch=4, warmup=1, repeats=3, mem_steps=(1, 5, 10))
 QUICK = dict(channels=1, size=28, hidden=32, meta_batch=2, warmup=1, repeats=7, mem_steps=(5,))
@@ -131,16 +131,7 @@ def time_worker(p) -> dict:
         ours, make_l2l, eps = setup(p, order == "first", steps=5)
         fns[f"{order}/ours"] = lambda ours=ours, eps=eps: ours.train_step(eps)
         fns[f"{order}/l2l"] = lambda step=make_l2l(), eps=eps: step(eps)
-    for _ in range(p["warmup"]):
-        for f in fns.values():
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(p["repeats"]):
-        for k, f in fns.items():
-            t, c = time.perf_counter(), time.process_time()
-            f()
-            times[k].append((time.perf_counter() - t, time.process_time() - c))
-    return times
+    return interleaved_times(fns, p["warmup"], p["repeats"], cpu_time=True)
 
 
 def mem_worker(p, impl: str, first_order: bool, steps: int) -> dict:

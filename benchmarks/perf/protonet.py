@@ -22,11 +22,10 @@ from __future__ import annotations
 import copy
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command, machine, median, parser, write_json  # noqa: E402
+from _common import command, interleaved_times, machine, median, parser, write_json  # noqa: E402
 
 FULL = dict(channels=3, size=84, hidden=64, warmup=2, repeats=15)
 QUICK = dict(channels=1, size=28, hidden=32, warmup=3, repeats=30)
@@ -83,15 +82,7 @@ def main(argv=None):
     l_ours, l_plain = float(ours.train_step([ep])["loss"]), float(plain_step())
     if abs(l_ours - l_plain) > 1e-3 * max(1.0, abs(l_plain)):
         raise SystemExit(f"ours and plain disagree on the first loss: {l_ours} vs {l_plain}")
-    for _ in range(p["warmup"]):
-        for f in fns.values():
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(p["repeats"]):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
+    times = interleaved_times(fns, p["warmup"], p["repeats"])
     med = {k: median(v) for k, v in times.items()}
     ratio = med["ours"] / med["plain"]
     print(f"ProtoNet training step, {'quick' if args.quick else 'full'}: {c}x{s}x{s}, "
