@@ -53,6 +53,10 @@ def class_sums(maps: Tensor, labels: Tensor, ways: int) -> Tensor:
 class RelationNet(Learner):
     """Relation Network; see the module docstring for the equations."""
 
+    #: first-order only (no gradients through gradients): bf16/fp16 autocast is safe;
+    #: tested in tests/learners/test_autocast.py
+    supports_autocast = True
+
     description = "Relation Network: a learned relation module scores (class sum, query) feature pairs"
     paper = ("Sung, Yang, Zhang, Xiang, Torr & Hospedales, 'Learning to Compare: Relation Network "
              "for Few-Shot Learning', CVPR 2018")

@@ -222,6 +222,10 @@ class Standard(SupervisedLearner):
     optimiser's weight decay β·½‖w‖² (eq. 6 without the meta term).
     """
 
+    #: first-order only (no gradients through gradients): bf16/fp16 autocast is safe;
+    #: tested in tests/learners/test_autocast.py
+    supports_autocast = True
+
     description = "standard supervised training (cross-entropy on each minibatch), MLTP's baseline"
     paper = ("Deng & Zhang, Is the Meta-Learning Idea Able to Improve the Generalization of Deep "
              "Neural Networks on the Standard Supervised Learning?, ICPR 2020 (baseline, eq. 1)")

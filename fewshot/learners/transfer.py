@@ -46,6 +46,10 @@ __all__ = ["Transfer"]
 class Transfer(Learner):
     """Pre-train a base-class classifier; fine-tune a new head on each task's support set."""
 
+    #: first-order only (no gradients through gradients): bf16/fp16 autocast is safe;
+    #: tested in tests/learners/test_autocast.py
+    supports_autocast = True
+
     description = "transfer baseline: classifier over all base classes, new head fine-tuned by SGD per task"
     paper = ("Chen, Liu, Kira, Wang & Huang, 'A Closer Look at Few-shot Classification', ICLR "
              "2019 (Baseline); the transfer baseline of the meta-transfer learning paper")
