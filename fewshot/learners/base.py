@@ -16,6 +16,7 @@ the support set first where the method's paper evaluates that way.
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Dict, Iterable, List, Optional
 
@@ -50,7 +51,12 @@ def require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-class Learner(nn.Module):
+class _LearnerMeta(abc.ABCMeta, type(nn.Module)):
+    """nn.Module's metaclass with abstract methods: a learner missing ``train_step`` or
+    ``predict`` fails when it is instantiated, naming the missing method."""
+
+
+class Learner(nn.Module, metaclass=_LearnerMeta):
     """Base class of all learners (see the module docstring for the protocol)."""
 
     #: registry name, set by ``@register_learner``
@@ -94,11 +100,13 @@ class Learner(nn.Module):
         self.steps_done = 0
 
     # ----------------------------------------------------------------- protocol
-    def train_step(self, batch) -> Dict[str, Tensor]:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} must implement train_step")
+    @abc.abstractmethod
+    def train_step(self, batch) -> Dict[str, Tensor]:
+        """One outer update on ``batch`` (see the module docstring); returns 0-dim metrics."""
 
-    def predict(self, episode) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} must implement predict")
+    @abc.abstractmethod
+    def predict(self, episode) -> Tensor:
+        """Query logits (Q, ways) for one episode."""
 
     # ---------------------------------------------------------------- helpers
     def make_backbone(self, **overrides) -> nn.Module:
