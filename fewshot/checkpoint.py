@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -35,21 +34,12 @@ __all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "rng_state
 
 
 def atomic_torch_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
-    """``torch.save(obj)`` to a temporary file next to ``path``, fsync, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """``torch.save(obj)`` to ``path`` atomically (:func:`fewshot.atomic.atomic_output`)."""
+    from fewshot.atomic import atomic_output
+
+    with atomic_output(path, "wb") as fh:
+        torch.save(obj, fh)
+    return Path(path)
 
 
 def rng_state() -> Dict[str, Any]:

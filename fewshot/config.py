@@ -23,7 +23,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -539,21 +538,12 @@ def dump_toml(data: Mapping[str, Mapping[str, Any]], header: str = "") -> str:
 
 
 def atomic_write_text(path: Union[str, os.PathLike], text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``text`` to ``path`` atomically (:func:`fewshot.atomic.atomic_output`)."""
+    from fewshot.atomic import atomic_output
+
+    with atomic_output(path, "w") as fh:
+        fh.write(text)
+    return Path(path)
 
 
 def save_config(cfg: RunConfig, path: Union[str, os.PathLike]) -> Path:

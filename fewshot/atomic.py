@@ -1,0 +1,28 @@
+"""Outputs that are either complete or absent: write to a temporary file beside the target,
+flush and fsync, then ``os.replace`` (atomic on POSIX); on any error the temporary file is
+removed and the target is left as it was."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator, Union
+
+
+@contextlib.contextmanager
+def atomic_output(path: Union[str, os.PathLike], mode: str = "wb") -> Iterator[IO]:
+    """``with atomic_output(path, "w") as fh: fh.write(...)`` — ``path`` appears only complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
