@@ -124,3 +124,9 @@ def test_third_party_learner_through_entry_point(tmp_path, make_episode):
         sys.modules.pop("fewshot_tinymean", None)
     with pytest.raises(ConfigError):
         get_learner("tiny_mean")
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile", "mltp", "mltp_fo", "l2g+protonet",
+                                  "mtl+maml"])
+def test_learners_that_differentiate_through_gradients_refuse_autocast(name):
+    assert not get_learner(name).supports_autocast

@@ -110,3 +110,17 @@ def test_learns_glyphs(learn_glyphs):
     before, after = learn_glyphs(learner, steps=100)
     # 5-way 1-shot: chance 0.2; untrained 0.18, 0.80 after 100 steps (measured)
     assert after > 0.72 and after - before > 0.45, (before, after)
+
+
+def test_autocast_step_and_scores_close_to_float32(make_episode, steps_agree_under_autocast):
+    torch.manual_seed(0)
+    cls = get_learner("relationnet")
+    assert cls.supports_autocast
+    learner = cls(cls.Config(grad_clip=0), in_channels=1, image_size=8, backbone=TinyMaps())
+    ep = make_episode(ways=3, shots=2, queries=3, noise=1.0)
+    steps_agree_under_autocast(learner, [ep])
+    learner.eval()
+    full = learner.predict(ep)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = learner.predict(ep)
+    torch.testing.assert_close(low.float(), full, rtol=0.05, atol=0.02)

@@ -108,3 +108,9 @@ def test_errors():
         learner.predict(None)
     with pytest.raises(ConfigError, match="TaskPairBatch"):
         learner.train_step((b.x_i, b.y_i))
+
+
+def test_autocast_step_close_to_float32(steps_agree_under_autocast):
+    torch.manual_seed(0)
+    assert get_learner("standard").supports_autocast
+    steps_agree_under_autocast(make(lr=0.01), batch(n=8, seed=1))

@@ -123,3 +123,13 @@ def test_learns_glyphs(learn_glyphs):
     before, after = learn_glyphs(learner, steps=100, meta_batch=2)
     # 5-way 1-shot: chance 0.2; 0.38 untrained, 0.62 after 100 steps (measured)
     assert after > 0.58 and after - before > 0.18, (before, after)
+
+
+def test_autocast_step_close_to_float32(tiny_net, make_episode, steps_agree_under_autocast):
+    torch.manual_seed(0)
+    cls = get_learner("transfer")
+    assert cls.supports_autocast
+    learner = cls(cls.Config(finetune_steps=5), in_channels=1, image_size=8, num_classes=12,
+                  backbone=tiny_net(1, 8))
+    ep = make_episode(ways=3, shots=2, queries=3, noise=1.0, num_base=12)
+    steps_agree_under_autocast(learner, [ep])
