@@ -121,13 +121,15 @@ def _evaluate_supervised(learner, store, cfg, device, split, label, step) -> Gri
     train = open_split(cfg.data.dataset, cfg.data.train_split, cfg.data.root, in_memory=False)
     try:
         same = train.class_names == store.class_names
+        stats = (train.mean, train.std)  # test images normalised by the training set's statistics
     finally:
         train.close()
     if not same:
         raise ConfigError(f"supervised learner '{cfg.learner.name}' classifies the classes of split "
                           f"'{cfg.data.train_split}'; split '{split}' holds other classes: evaluate "
                           f"on a split of the same classes (e.g. --split test of a CIFAR store)")
-    correct = supervised_correct(learner, store, cfg.train.batch_size, device, cfg.data.augment)
+    correct = supervised_correct(learner, store, cfg.train.batch_size, device, cfg.data.augment,
+                                 stats=stats)
     cell = CellResult(ways=int(store.num_classes), shots=0, queries=0, seed=0, accuracies=correct,
                       fingerprint=f"{getattr(store, 'checksum', '') or ''}"[:16])
     return GridResult(learner=cfg.learner.name, dataset=cfg.data.dataset, split=split, cells=[cell],

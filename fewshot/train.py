@@ -751,7 +751,8 @@ class Trainer:
         if self.val_store.class_names != self.train_store.class_names:
             return None  # a supervised classifier can only be validated on its own classes
         correct = supervised_correct(self.learner, self.val_store, self.config.train.batch_size,
-                                     self.device, self.config.data.augment)
+                                     self.device, self.config.data.augment,
+                                     stats=(self.train_store.mean, self.train_store.std))
         m, _, ci = mean_ci(correct)
         return m, ci
 
@@ -780,9 +781,11 @@ class Trainer:
         atomic_write_text(path, "".join(x + "\n" for x in keep))
 
 
-def supervised_correct(learner, store, batch_size: int, device, augment=None) -> List[float]:
+def supervised_correct(learner, store, batch_size: int, device, augment=None,
+                       stats=None) -> List[float]:
     """Per-image 0/1 correctness of ``learner.predict_batch`` on every image of ``store``,
-    normalised as the training preset ``augment`` does at test time."""
+    normalised as the training preset ``augment`` does at test time, with the training set's
+    ``stats`` = (mean, std) where the preset uses dataset statistics."""
     from fewshot.data.supervised import SupervisedAdapter
 
     was = learner.training
@@ -791,7 +794,7 @@ def supervised_correct(learner, store, batch_size: int, device, augment=None) ->
     try:
         with torch.no_grad():
             for x, y in SupervisedAdapter.eval_batches(store, batch_size, device=device,
-                                                       augment=augment):
+                                                       augment=augment, stats=stats):
                 logits = learner.predict_batch(x.to(device))
                 out.extend((logits.argmax(-1) == y.to(device)).float().cpu().tolist())
     finally:

@@ -73,13 +73,14 @@ class TaskPairBatch:
 class _Converter:
     """Gather rows of a store and turn them into normalised float batches."""
 
-    def __init__(self, store, augment, channels_last: bool = False):
+    def __init__(self, store, augment, channels_last: bool = False, stats=None):
         from fewshot.data import transforms as T
 
         self.store = store
         h, _, c = store.image_shape
         self.normalize, self.train_augment = T.resolve(augment, image_size=h)
-        self.scale, self.shift = T.affine_coefficients(store.mean, store.std, self.normalize, c)
+        mean, std = stats if stats is not None else (store.mean, store.std)
+        self.scale, self.shift = T.affine_coefficients(mean, std, self.normalize, c)
         self.channels_last = channels_last
         self._images = None
 
@@ -235,23 +236,29 @@ class SupervisedAdapter:
 
     @_Hybrid
     def eval_batches(self, store=None, batch_size: int = 256, device="cpu", augment="default",
-                     channels_last: bool = False) -> Iterator[Tuple[Tensor, Tensor]]:
+                     channels_last: bool = False, stats="default") -> Iterator[Tuple[Tensor, Tensor]]:
         """Every image of ``store`` once, in store order, as ``(x, y)`` batches (the last may be
         smaller), normalised as the preset ``augment`` does at test time, never augmented.
 
         Called on the class, ``SupervisedAdapter.eval_batches(store, 256)`` uses the store's
         mean/std unless ``augment`` names a preset (pass the training preset, e.g. "cifar",
         whose test images are per-image standardised); called on an adapter,
-        ``adapter.eval_batches(test_store)`` uses the adapter's preset."""
+        ``adapter.eval_batches(test_store)`` uses the adapter's preset.
+
+        ``stats`` = (mean, std) for presets that normalise by dataset statistics (``"tiny"``):
+        the *training* set's, as MLTP normalises Tiny ImageNet's test images; it defaults to the
+        adapter's training store on an instance and to ``store``'s own on the class."""
         if store is None:
             if self is None:
                 raise ConfigError("eval_batches(store, batch_size): give a store")
             store = self.store
         if augment == "default":
             augment = self.augment if self is not None else None
+        if isinstance(stats, str) and stats == "default":
+            stats = (self.store.mean, self.store.std) if self is not None else None
         if int(batch_size) < 1:
             raise ConfigError(f"eval batch_size must be >= 1, got {batch_size}")
-        conv = _Converter(store, augment, channels_last)
+        conv = _Converter(store, augment, channels_last, stats=stats)
         labels = torch.as_tensor(store.labels, dtype=torch.int64)
         device = torch.device(device)
         n, bs = len(store), int(batch_size)

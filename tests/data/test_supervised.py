@@ -131,3 +131,23 @@ def test_eval_batches_cover_the_store_in_order():
     torch.testing.assert_close(x.reshape(7, -1).mean(1), torch.zeros(7), atol=1e-5, rtol=0)
     x2, _ = next(iter(SupervisedAdapter.eval_batches(st, 7, augment="cifar")))
     assert torch.equal(x, x2)
+
+
+def test_tiny_preset_normalises_test_images_with_the_training_statistics():
+    """MLTP (sec. IV) standardises Tiny ImageNet's test images with the training set's mean/std."""
+    rng = np.random.default_rng(0)
+    train = ImageStore.from_arrays(rng.integers(0, 120, (40, 8, 8, 3), dtype=np.uint8),
+                                   np.repeat(np.arange(4), 10), list("abcd"))
+    test = ImageStore.from_arrays(rng.integers(100, 256, (8, 8, 8, 3), dtype=np.uint8),
+                                  np.repeat(np.arange(4), 2), list("abcd"), split="test")
+    assert not np.allclose(train.mean, test.mean)
+    adapter = SupervisedAdapter(train, batch_size=8, augment="tiny")
+    x, _ = next(adapter.eval_batches(test, 8))
+    raw = torch.from_numpy(np.asarray(test.images)).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor(train.mean).view(1, 3, 1, 1)
+    std = torch.tensor(train.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, (raw - mean) / std, rtol=1e-5, atol=1e-5)
+    # the class-level call with explicit statistics agrees
+    x2, _ = next(SupervisedAdapter.eval_batches(test, 8, augment="tiny",
+                                                stats=(train.mean, train.std)))
+    torch.testing.assert_close(x2, x)
