@@ -113,10 +113,12 @@ def evaluate_run(run: Run, *, ways: Optional[Sequence[int]] = None, shots: Optio
 
 
 def _evaluate_supervised(learner, store, cfg, device, split, label, step) -> GridResult:
-    """Top-1 accuracy over every image of ``split`` as one cell (ways = classes, shots 0)."""
+    """Top-1 and top-k accuracy (k = min(5, classes)) over every image of ``split`` as one cell
+    (ways = classes, shots 0): per-image top-1 0/1 correctness in ``accuracies``, per-image
+    top-k in ``metrics["top-k"]``; each summarised as mean ± 1.96·std/√n over images."""
     from fewshot.data.store import open_split
     from fewshot.report import CellResult
-    from fewshot.train import supervised_correct
+    from fewshot.train import supervised_topk_correct
 
     train = open_split(cfg.data.dataset, cfg.data.train_split, cfg.data.root, in_memory=False)
     try:
@@ -128,14 +130,16 @@ def _evaluate_supervised(learner, store, cfg, device, split, label, step) -> Gri
         raise ConfigError(f"supervised learner '{cfg.learner.name}' classifies the classes of split "
                           f"'{cfg.data.train_split}'; split '{split}' holds other classes: evaluate "
                           f"on a split of the same classes (e.g. --split test of a CIFAR store)")
-    correct = supervised_correct(learner, store, cfg.train.batch_size, device, cfg.data.augment,
-                                 stats=stats)
-    cell = CellResult(ways=int(store.num_classes), shots=0, queries=0, seed=0, accuracies=correct,
-                      fingerprint=f"{getattr(store, 'checksum', '') or ''}"[:16])
+    k = min(5, int(store.num_classes))
+    correct = supervised_topk_correct(learner, store, cfg.train.batch_size, device, cfg.data.augment,
+                                      stats=stats, ks=(1, k))
+    cell = CellResult(ways=int(store.num_classes), shots=0, queries=0, seed=0, accuracies=correct[1],
+                      fingerprint=f"{getattr(store, 'checksum', '') or ''}"[:16],
+                      metrics={f"top-{k}": correct[k]} if k > 1 else {})
     return GridResult(learner=cfg.learner.name, dataset=cfg.data.dataset, split=split, cells=[cell],
                       checkpoint=label, step=step, transductive_bn=False,
                       fine_tunes=bool(getattr(learner, "fine_tunes_at_test", False)),
-                      extra={"kind": "supervised top-1 accuracy over all images"})
+                      extra={"kind": f"supervised top-1 and top-{k} accuracy over all images"})
 
 
 def evaluate(run: Union[Run, str, os.PathLike], ways: Sequence[int] = (5,), shots: Sequence[int] = (1, 5),

@@ -34,7 +34,10 @@ the same fixed episodes (same [eval] seed). Per learner and cell the report give
 over seeds of the per-episode accuracy, with the 95% interval over episodes
 (1.96·s/√n of the seed-averaged per-episode accuracies), the standard deviation of the
 per-seed means when there are several seeds, and the paired difference to the first
-learner (significant when its 95% interval excludes 0). Files: ``OUT/bench.json``,
+learner (significant when its 95% interval excludes 0). Supervised learners are evaluated
+on every test image: a "top-1" column and, from the cell's extra metrics, a "top-5" column
+(seed-averaged per-image correctness, same interval, sd of the per-seed means; k = min(5,
+classes)). Files: ``OUT/bench.json``,
 ``bench.csv``, ``bench.md`` and ``OUT/plots/bench.png``.
 """
 from __future__ import annotations
@@ -179,11 +182,24 @@ class BenchResult:
     seconds: Dict[str, float]
     notes: Dict[str, Dict[str, Any]]
 
+    def _metric_columns(self) -> List[Tuple[Tuple[int, int], str]]:
+        """(cell, metric) of the extra metrics (the supervised top-5), in first-seen order."""
+        out: List[Tuple[Tuple[int, int], str]] = []
+        for c in self.cells:
+            for row in self.table.values():
+                for m in (row.get(c) or {}).get("metrics", {}):
+                    if (c, m) not in out:
+                        out.append((c, m))
+        return out
+
     def markdown(self) -> str:
         cells = self.cells
+        extra = self._metric_columns()
         lines = [f"## {self.spec.name}" + (" (quick)" if self.out.name.endswith("-quick") else ""), ""]
-        lines.append("| learner | " + " | ".join(_cell_label(w, s) for w, s in cells) + " | train s |")
-        lines.append("|---|" + "---|" * len(cells) + "---|")
+        lines.append("| learner | " + " | ".join([_cell_label(w, s) for w, s in cells]
+                                                 + [f"{m}, {c[0]} classes" for c, m in extra])
+                     + " | train s |")
+        lines.append("|---|" + "---|" * (len(cells) + len(extra)) + "---|")
         for label, row in self.table.items():
             vals = []
             for c in cells:
@@ -198,6 +214,15 @@ class BenchResult:
                 if st.get("vs_first") is not None and st["vs_first"]["significant"]:
                     v += " *" if st["vs_first"]["diff"] > 0 else " †"
                 vals.append(v)
+            for c, m in extra:
+                st = (row.get(c) or {}).get("metrics", {}).get(m)
+                if st is None:
+                    vals.append("—")
+                    continue
+                v = f"{st['mean'] * 100:.2f} ± {st['ci95'] * 100:.2f}"
+                if st.get("seed_std") is not None:
+                    v += f" (sd {st['seed_std'] * 100:.2f})"
+                vals.append(v)
             lines.append(f"| {label} | " + " | ".join(vals) + f" | {self.seconds.get(label, 0):.0f} |")
         first = next(iter(self.table), "")
         n = sorted({st["episodes"] for row in self.table.values() for (_, sh), st in row.items()
@@ -208,7 +233,7 @@ class BenchResult:
                 + (f" averaged over {seeds} seeds; sd: std of the per-seed means" if seeds > 1 else "")
                 + ")")
         if any(sh == 0 for _, sh in cells):
-            text += "; top-1 columns: every test image"
+            text += "; top-1" + "".join(sorted({f"/{m}" for _, m in extra})) + " columns: every test image"
         if len(self.table) > 1:
             text += (f". */†: significantly above/below {first} (paired 95% CI of the "
                      f"per-episode differences excludes 0)")
@@ -238,15 +263,23 @@ class BenchResult:
     def csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
+        names = list(dict.fromkeys(m for _, m in self._metric_columns()))  # extra columns if any
         w.writerow(["learner", "ways", "shots", "episodes", "seeds", "mean", "ci95", "seed_std",
-                    "diff_vs_first", "diff_ci95", "significant"])
+                    "diff_vs_first", "diff_ci95", "significant"]
+                   + [f"{m} {s}" for m in names for s in ("mean", "ci95", "seed_std")])
         for lab, row in self.table.items():
             for (ways, shots), st in row.items():
                 vf = st.get("vs_first") or {}
+                more = []
+                for m in names:
+                    ms = st.get("metrics", {}).get(m)
+                    more += ["", "", ""] if ms is None else [
+                        repr(ms["mean"]), repr(ms["ci95"]),
+                        "" if ms.get("seed_std") is None else repr(ms["seed_std"])]
                 w.writerow([lab, ways, shots, st["episodes"], st["seeds"], repr(st["mean"]),
                             repr(st["ci95"]), "" if st.get("seed_std") is None else repr(st["seed_std"]),
                             repr(vf["diff"]) if vf else "", repr(vf["ci95"]) if vf else "",
-                            int(vf["significant"]) if vf else ""])
+                            int(vf["significant"]) if vf else ""] + more)
         return buf.getvalue()
 
 
@@ -409,6 +442,16 @@ def _aggregate(spec, out_dir, grids, seconds, runs) -> BenchResult:
             row[key] = {"mean": m, "ci95": ci, "episodes": int(acc.size), "seeds": len(cs),
                         "seed_std": float(np.std(seed_means, ddof=1)) if len(cs) > 1 else None,
                         "fingerprint": cs[0].fingerprint, "vs_first": None}
+            # extra metrics of the same samples (supervised top-5): seed-averaged per sample
+            for name in dict.fromkeys(n for c in cs for n in c.metrics):
+                if not all(name in c.metrics for c in cs):
+                    continue
+                vals = np.mean([c.metrics[name] for c in cs], axis=0)
+                mm, _, mci = mean_ci(vals)
+                per_seed = [float(np.mean(c.metrics[name])) for c in cs]
+                row[key].setdefault("metrics", {})[name] = {
+                    "mean": mm, "ci95": mci,
+                    "seed_std": float(np.std(per_seed, ddof=1)) if len(cs) > 1 else None}
             pe[key] = acc
         table[label] = row
         per_episode[label] = pe

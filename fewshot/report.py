@@ -15,6 +15,12 @@ much tighter than the two unpaired ones.
 Files written into a run directory (each atomically): ``results.json`` (everything,
 per-episode accuracies included), ``results.csv`` (one row per cell) and ``results.md``
 (the Markdown table).
+
+A cell may carry further metrics of the same samples in ``CellResult.metrics`` (name ->
+per-sample values): the supervised evaluation stores its per-image top-1 correctness in
+``accuracies`` and the per-image top-k correctness (k = min(5, classes)) as
+``metrics["top-5"]``, each summarised with the same ``mean ± ci95`` over images. Files
+written before this field existed load with ``metrics = {}``.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from fewshot.errors import FewShotError
 
 Z95 = 1.96
 
-__all__ = ["Z95", "mean_ci", "CellResult", "GridResult", "write_results", "load_results",
+__all__ = ["Z95", "mean_ci", "metric_names", "CellResult", "GridResult", "write_results", "load_results",
            "CellComparison", "Comparison", "compare", "compare_runs", "markdown_table"]
 
 
@@ -68,10 +74,18 @@ class CellResult:
     std: float = float("nan")
     ci95: float = float("nan")
     seconds: float = 0.0
+    # further metrics of the same samples, name -> per-sample values (e.g. "top-5" -> per-image
+    # 0/1 of the supervised evaluation); summarised by :meth:`metric_stats`
+    metrics: Dict[str, List[float]] = field(default_factory=dict)
 
     def __post_init__(self):
         self.accuracies = [float(a) for a in self.accuracies]
         self.mean, self.std, self.ci95 = mean_ci(self.accuracies)
+        self.metrics = {str(k): [float(a) for a in v] for k, v in (self.metrics or {}).items()}
+
+    def metric_stats(self, name: str) -> Tuple[float, float, float]:
+        """(mean, sample std, 95% half-width) of the per-sample values of metric ``name``."""
+        return mean_ci(self.metrics[name])
 
     @property
     def episodes(self) -> int:
@@ -114,6 +128,11 @@ class GridResult:
         d = asdict(self)
         for c in d["cells"]:
             c["episodes"] = len(c["accuracies"])
+            if not c["metrics"]:
+                del c["metrics"]  # episodic grids: the file keeps its former layout
+            else:
+                c["metric_stats"] = {k: dict(zip(("mean", "std", "ci95"), mean_ci(v)))
+                                     for k, v in c["metrics"].items()}
         return d
 
     @classmethod
@@ -121,7 +140,8 @@ class GridResult:
         d = dict(d)
         cells = []
         for c in d.pop("cells"):
-            c = {k: v for k, v in c.items() if k not in ("mean", "std", "ci95", "episodes")}
+            c = {k: v for k, v in c.items()
+                 if k not in ("mean", "std", "ci95", "episodes", "metric_stats")}
             cells.append(CellResult(**c))
         known = {f for f in cls.__dataclass_fields__}
         return cls(cells=cells, **{k: v for k, v in d.items() if k in known})
@@ -139,16 +159,29 @@ def _fmt(mean: float, ci: float, scale: float = 100.0) -> str:
     return f"{mean * scale:.2f} ± {ci * scale:.2f}"
 
 
+def metric_names(cells: Sequence[CellResult]) -> List[str]:
+    """The extra metric names of ``cells`` in first-seen order."""
+    out: List[str] = []
+    for c in cells:
+        for k in c.metrics:
+            if k not in out:
+                out.append(k)
+    return out
+
+
 def markdown_table(grid: GridResult, title: Optional[str] = None) -> str:
-    """A Markdown table: one row per ways, one column per shots, accuracy % ± 95% CI."""
+    """A Markdown table: one row per ways, one column per shots, accuracy % ± 95% CI; then one
+    column per extra metric (the supervised top-5), also % ± 95% CI over the same samples."""
     ways = sorted({c.ways for c in grid.cells})
     shots = sorted({c.shots for c in grid.cells})
+    extra = metric_names(grid.cells)
     lines = []
     if title:
         lines += [f"### {title}", ""]
     lines.append("| " + " | ".join(["learner", "ways"] + [f"{s}-shot" if s else "top-1 (all test images)"
-                                                           for s in shots]) + " |")
-    lines.append("|" + "---|" * (2 + len(shots)))
+                                                           for s in shots]
+                                   + [f"{m} (all test images)" for m in extra]) + " |")
+    lines.append("|" + "---|" * (2 + len(shots) + len(extra)))
     for w in ways:
         row = [grid.learner, str(w)]
         for s in shots:
@@ -157,10 +190,18 @@ def markdown_table(grid: GridResult, title: Optional[str] = None) -> str:
                 row.append(_fmt(c.mean, c.ci95))
             except KeyError:
                 row.append("n/a" if f"{w}x{s}" in grid.extra.get("skipped", {}) else "—")
+        for m in extra:
+            have = [c for c in grid.cells if c.ways == w and m in c.metrics]
+            if have:
+                mean, _, ci = have[0].metric_stats(m)
+                row.append(_fmt(mean, ci))
+            else:
+                row.append("—")
         lines.append("| " + " | ".join(row) + " |")
     n = sorted({c.episodes for c in grid.cells})
     if grid.cells and all(c.shots == 0 for c in grid.cells):
-        notes = [f"top-1 accuracy % ± 95% CI (1.96·sample std/√n of the per-image 0/1 correctness) "
+        what = " and ".join(["top-1"] + extra)
+        notes = [f"{what} accuracy % ± 95% CI (1.96·sample std/√n of the per-image 0/1 correctness) "
                  f"over the {', '.join(map(str, n))} images of split '{grid.split}' of {grid.dataset}"]
     else:
         notes = [f"accuracy % ± 95% CI (1.96·sample std/√n) over {', '.join(map(str, n))} fixed "
@@ -180,12 +221,17 @@ def markdown_table(grid: GridResult, title: Optional[str] = None) -> str:
 def _csv_text(grid: GridResult) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
+    extra = metric_names(grid.cells)  # extra columns only where a cell has extra metrics
     w.writerow(["learner", "dataset", "split", "ways", "shots", "queries", "episodes", "seed",
-                "mean", "std", "ci95", "transductive_bn", "fine_tunes", "fingerprint"])
+                "mean", "std", "ci95", "transductive_bn", "fine_tunes", "fingerprint"]
+               + [f"{m} {s}" for m in extra for s in ("mean", "std", "ci95")])
     for c in grid.cells:
+        more = []
+        for m in extra:
+            more += [repr(x) for x in c.metric_stats(m)] if m in c.metrics else ["", "", ""]
         w.writerow([grid.learner, grid.dataset, grid.split, c.ways, c.shots, c.queries,
                     c.episodes, c.seed, repr(c.mean), repr(c.std), repr(c.ci95),
-                    int(grid.transductive_bn), int(grid.fine_tunes), c.fingerprint])
+                    int(grid.transductive_bn), int(grid.fine_tunes), c.fingerprint] + more)
     return buf.getvalue()
 
 

@@ -802,6 +802,35 @@ def supervised_correct(learner, store, batch_size: int, device, augment=None,
     return out
 
 
+def supervised_topk_correct(learner, store, batch_size: int, device, augment=None, stats=None,
+                            ks: Sequence[int] = (1, 5)) -> Dict[int, List[float]]:
+    """Per-image top-k correctness, k in ``ks``: 1.0 where the label is among the k largest
+    logits of ``learner.predict_batch`` (k capped at the number of classes, so top-5 of a
+    3-class problem is 1 everywhere), for every image of ``store``, normalised as in
+    :func:`supervised_correct`. Per image, each k's value is :func:`~fewshot.learners.standard.
+    topk_correct` of that image's row; top-k correctness is monotone in k."""
+    from fewshot.data.supervised import SupervisedAdapter
+    from fewshot.learners.standard import topk_correct
+
+    ks = tuple(int(k) for k in ks)
+    was = learner.training
+    learner.eval()
+    out: Dict[int, List[float]] = {k: [] for k in ks}
+    try:
+        with torch.no_grad():
+            for x, y in SupervisedAdapter.eval_batches(store, batch_size, device=device,
+                                                       augment=augment, stats=stats):
+                logits = learner.predict_batch(x.to(device)).float().cpu()
+                y = y.cpu()
+                for i in range(logits.shape[0]):
+                    hits = topk_correct(logits[i:i + 1], y[i:i + 1], ks)
+                    for k in ks:
+                        out[k].append(float(hits[k]))
+    finally:
+        learner.train(was)
+    return out
+
+
 def _fmt_metrics(m: Dict[str, Any]) -> str:
     if not m:
         return "none yet"
