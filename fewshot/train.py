@@ -406,16 +406,16 @@ class Trainer:
                        what="second training task (train.pair)")
         check_grid(self.val_store, [self.val_ways], [self.val_shots], t.queries,
                    what=f"validation episodes on split '{d.val_split}' (train.val_ways/val_shots)")
-        from fewshot.learners import get_learner
 
-        validate_task = getattr(get_learner(self.config.learner.name), "validate_task", None)
-        if validate_task is not None and not t.variable:
-            # a learner's own limits on its training tasks (e.g. MTL's k sub-batches), checked
-            # on a learner built for the purpose, before any training starts
-            probe = build_learner(self.config, device="cpu", **self.data_shape)
-            for ways in _as_list(t.ways):
-                for shots in _as_list(t.shots):
-                    probe.validate_task(ways, shots, t.queries)
+    def _check_learner_tasks(self, kind: str) -> None:
+        """A learner's own limits on its training tasks (e.g. MTL's k sub-batches), checked
+        before the run directory is written and before any training step."""
+        t = self.config.train
+        if kind == "supervised" or t.variable or not hasattr(self.learner, "validate_task"):
+            return
+        for ways in _as_list(t.ways):
+            for shots in _as_list(t.shots):
+                self.learner.validate_task(ways, shots, t.queries)
 
     @property
     def val_ways(self) -> int:
@@ -555,6 +555,7 @@ class Trainer:
 
         seed_everything(t.seed)  # the same initial weights on every rank
         self.learner = build_learner(cfg, device=self.device, **self.data_shape)
+        self._check_learner_tasks(kind)
         self.learner.train()
         self._broadcast_weights()
         seed_everything(rank_seed(t.seed, self.rank))
