@@ -2,7 +2,7 @@
 
 Layout of ``<root>/<dataset>/<split>.h5`` (``FORMAT_VERSION`` 1)::
 
-    /images          uint8 (N, H, W, C), chunked by image (a few small images per chunk),
+    /images          uint8 (N, H, W, C), chunked by image (small images a few per 16 KiB chunk),
                      each chunk with a Fletcher-32 checksum
     /labels          int64 (N,), sorted ascending: class c occupies rows [offsets[c], offsets[c+1]);
                      chunked, Fletcher-32 checksummed
@@ -49,8 +49,10 @@ FORMAT_VERSION = 1
 MAGIC = "fewshot.ImageStore"
 #: h5py raw-data chunk cache per lazily opened store (bytes); keeps lazy reads' memory bounded.
 CHUNK_CACHE_BYTES = 4 * 1024 * 1024
-#: Minimum bytes per HDF5 chunk: tiny images (28x28) are grouped a few per chunk.
-MIN_CHUNK_BYTES = 4096
+#: Minimum bytes per HDF5 chunk: small images are grouped a few per chunk (28x28: 20, one
+#: Omniglot character; 32x32x3: 5), larger ones (84x84x3) get one each. Fewer, larger chunks
+#: cut HDF5's per-chunk cost of checksumming (benchmarks/perf/store_checksums.py).
+MIN_CHUNK_BYTES = 16384
 #: Rows per chunk of the labels dataset (int64: 64 KiB per chunk).
 LABEL_CHUNK_ROWS = 8192
 #: Images processed per block while writing / verifying (bounds the writer's temporary memory).

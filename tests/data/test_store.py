@@ -366,24 +366,25 @@ def test_images_and_labels_are_written_with_chunk_checksums(tmp_path, rng):
     with h5py.File(p, "r") as f:
         for key in ("images", "labels"):
             assert f[key].fletcher32 and f[key].chunks is not None, key
-        assert f["images"].chunks == (5, 28, 28, 1)  # 4 KiB chunks: 5 images of 784 bytes
+        assert f["images"].chunks == (20, 28, 28, 1)  # 16 KiB chunks: 20 images of 784 bytes
 
 
 def test_flipped_byte_in_a_chunk_fails_every_read_with_one_line(tmp_path, rng):
     x, y, names = _arrays(rng, n=60, shape=(28, 28, 1))
     p = write_store(tmp_path / "omniglot" / "train.h5", x, y, names, dataset="omniglot",
                     split="train", source="m")
-    row0 = _flip_byte_in_chunk(p, "images", chunk=3)[0]  # rows 15..19
+    row0 = _flip_byte_in_chunk(p, "images", chunk=1)[0]  # rows 20..39
     fix = "re-run `fewshot data prepare omniglot --from PATH`"
     with pytest.raises(DataError) as e:
         ImageStore.open(p, in_memory=True)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(str(p)) and "Fletcher-32" in msg and fix in msg
     with ImageStore.open(p, in_memory=False) as lazy:
-        good = [i for i in range(60) if not row0 <= i < row0 + 5]
+        assert row0 == 20
+        good = [i for i in range(60) if not 20 <= i < 40]
         order = np.argsort(y, kind="stable")
         assert np.array_equal(lazy.read(good), x[order][good])  # other chunks still read
-        for rows in ([row0 + 2], [0, row0 + 4, 50]):  # an episode touching the chunk
+        for rows in ([22], [0, 39, 50]):  # an episode touching the chunk
             with pytest.raises(DataError) as e:
                 lazy.read(rows)
             assert str(e.value) == msg
@@ -411,7 +412,8 @@ def test_stores_written_without_checksums_still_open(tmp_path, rng, layout):
     old = tmp_path / "old.h5"
     with h5py.File(new, "r") as src, h5py.File(old, "w") as dst:
         for key in src:
-            kw = {"chunks": src[key].chunks} if layout == "chunked" and key == "images" else {}
+            # the old writer's chunks: at least 4 KiB, here 21 images of 9*7*3 bytes
+            kw = {"chunks": (21, 9, 7, 3)} if layout == "chunked" and key == "images" else {}
             dst.create_dataset(key, data=src[key][()], dtype=src[key].dtype, **kw)
         dst.attrs.update(dict(src.attrs))
     with h5py.File(old, "r") as f:
