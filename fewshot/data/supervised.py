@@ -1,15 +1,22 @@
 """The supervised adapter: ordinary labelled minibatches as pairs of tasks (MLTP).
 
-MLTP (Liu et al., ICPR, Algorithm 1) splits every minibatch of B images into two tasks of
-B/2, ``task_i`` (the inner step ``w' = w - α ∂L(f(w, x_i), y_i)/∂w``) and ``task_j`` (the
-outer loss ``η L(f(w', x_j), y_j)``), so it keeps the batch size of standard training.
+MLTP (Deng & Zhang, "Is the Meta-Learning Idea Able to Improve the Generalization of Deep
+Neural Networks on the Standard Supervised Learning?", ICPR 2020, Algorithm 1) splits every
+minibatch of B images into two tasks of B/2 (sec. IV-A: 128 into 2 x 64), ``task_i`` (the
+inner step ``w' = w - α ∂L(f(w, x_i), y_i)/∂w``) and ``task_j`` (the outer loss
+``η L(f(w', x_j), y_j)``), so it keeps the batch size of standard training.
 :class:`SupervisedAdapter` yields such :class:`TaskPairBatch` es over shuffled epochs:
 
 * epoch ``e`` visits the store in the order ``randperm(N)`` drawn from a generator seeded
   from (seed, e); minibatch ``b`` is rows ``perm[bB:(b+1)B]``, its first B/2 rows are
   task_i, the last B/2 task_j. ``drop_last=True`` (default) drops the incomplete last
-  minibatch; with ``drop_last=False`` the last minibatch of B' < B rows gives task_i its
-  first ``B'//2`` rows and task_j the remaining ``B' - B'//2``.
+  minibatch. With ``drop_last=False`` the last minibatch of B' < B rows is kept, trimmed
+  to the largest multiple of 2W rows (W = ``world_size``; on one process: to an even
+  count), so task_i and task_j are equally large on every rank. This drops at most 2W - 1
+  rows, the last of the epoch's shuffled order (a different row each epoch); a remainder
+  of fewer than 2W rows gives no minibatch. The paper is silent on an epoch's remainder, so
+  this is our choice: sec. IV-A keeps MLTP's minibatches those of standard training and
+  its two tasks equally large, and so does this (the learner refuses unequal halves).
 * B must be even: an odd batch size is refused (``ConfigError``), since halves of unequal
   size would weight the two terms of J differently from the paper.
 * sharding (``rank``, ``world_size``), like ``torch.utils.data.DistributedSampler``: every
@@ -128,7 +135,8 @@ class SupervisedAdapter:
         seed: fixes the shuffles and augmentations.
         num_workers: DataLoader worker processes building batches (0: in this process).
         device: where batches are delivered.
-        drop_last: drop the incomplete last minibatch of an epoch.
+        drop_last: drop the incomplete last minibatch of an epoch (else keep it, trimmed to
+            equal halves: see the module docstring).
         rank, world_size: this process's share of every global minibatch.
         shuffle: False visits rows in store order (for debugging and tests).
     ``len(adapter)`` is the number of minibatches per epoch; iterating yields one epoch (the
@@ -153,10 +161,10 @@ class SupervisedAdapter:
                               f"divisible by {2 * w}")
         if num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
-        if len(store) < (b if drop_last else 1):
+        if len(store) < (b if drop_last else 2 * w):
             raise ConfigError(f"batch_size = {b} is larger than the {len(store)} images of "
-                              f"store {store.dataset}/{store.split} with drop_last=True; lower "
-                              "batch_size")
+                              f"store {store.dataset}/{store.split} with drop_last="
+                              f"{bool(drop_last)}; lower batch_size")
         self.store = store
         self.batch_size, self.rank, self.world_size = b, int(rank), w
         self.seed, self.num_workers = int(seed), int(num_workers)
@@ -171,7 +179,8 @@ class SupervisedAdapter:
 
     def __len__(self) -> int:
         n = len(self.store)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        full, rest = divmod(n, self.batch_size)
+        return full + int(not self.drop_last and rest >= 2 * self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Use the shuffle and augmentation of ``epoch`` for the next pass."""
@@ -191,6 +200,7 @@ class SupervisedAdapter:
         """This rank's (task_i rows, task_j rows) of minibatch ``b`` of ``epoch``."""
         perm = self.permutation(epoch) if perm is None else perm
         rows = perm[b * self.batch_size:(b + 1) * self.batch_size]
+        rows = rows[:rows.numel() - rows.numel() % (2 * self.world_size)]  # equal halves
         half = rows.numel() // 2
         ri, rj = rows[:half], rows[half:]
         if self.world_size > 1:
