@@ -176,10 +176,11 @@ def embedding_fn(learner):
 
 
 def embed(run: Union[Run, str, os.PathLike], *, ways: int = 5, shots: int = 5, queries: int = 15,
-          episode: int = 0, split: Optional[str] = None, method: str = "auto",
+          episode: int = 0, split: Optional[str] = None, method: str = "tsne",
           checkpoint: str = "best", out=None, device="cpu"):
     """``fewshot embed``: draw support (stars) and query (dots) embeddings of one fixed test
-    episode in 2-D (t-SNE if scikit-learn is installed, else PCA). Returns (path, method)."""
+    episode in 2-D: ``method`` "tsne" (the L2G paper's Figure 3, seeded by the run's eval seed)
+    or "pca" (see :func:`fewshot.plots.project_2d`). Returns (path, method)."""
     import torch
 
     from fewshot.data.episodes import fixed_episodes

@@ -10,7 +10,7 @@
                  [--split test] [--seed N] [--checkpoint best|last]
     fewshot bench SPEC.toml [--quick] [--out DIR] [--force]
     fewshot compare RUN_A RUN_B
-    fewshot embed RUN_DIR [--ways 5] [--shots 5] [--episode 0] [--method auto|tsne|pca]
+    fewshot embed RUN_DIR [--ways 5] [--shots 5] [--episode 0] [--method tsne|pca]
 
 Every :class:`~fewshot.errors.FewShotError` is printed as one line on stderr and the exit
 status is 2; ``--debug`` (before the command) shows the traceback instead. An interrupted
@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--queries", type=int, default=15)
     em.add_argument("--episode", type=int, default=0, help="which fixed test episode")
     em.add_argument("--split", help="split (default: the run's test split)")
-    em.add_argument("--method", choices=["auto", "tsne", "pca"], default="auto")
+    em.add_argument("--method", choices=["tsne", "pca"], default="tsne",
+                    help="2-D projection: t-SNE (default, seeded) or PCA")
     em.add_argument("--checkpoint", choices=["best", "last"], default="best")
     em.add_argument("--out", help="PNG path (default RUN_DIR/plots/embedding.png)")
     return p
