@@ -69,3 +69,15 @@ def test_plot_embedding_writes_the_tsne_plot(tmp_path):
     z, y = _clusters(k=3, per=6)
     path, used = plot_embedding(z[::3], y[::3], z, y, tmp_path / "e.png")
     assert used == "tsne" and path.stat().st_size > 1000
+
+
+def test_cli_and_api_default_to_tsne():
+    import inspect
+
+    from fewshot.api import embed
+    from fewshot.cli import build_parser
+
+    assert build_parser().parse_args(["embed", "RUN"]).method == "tsne"
+    assert inspect.signature(embed).parameters["method"].default == "tsne"
+    with pytest.raises(ConfigError, match="invalid choice: 'auto'"):  # no silent PCA fallback
+        build_parser().parse_args(["embed", "RUN", "--method", "auto"])
