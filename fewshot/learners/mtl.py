@@ -58,7 +58,10 @@ stochastic gradient descent will be used"): a new zero-initialised N-way head fo
 episode's N (any N: 5, 20, 35 ways), ``eval_steps`` plain SGD steps of size ``eval_lr``
 on mini-batches of at most ``eval_batch`` support examples (all parameters adapt), then
 the query logits. BatchNorm: the ``bn`` policy of the inner loop, "transductive" by
-default (Reptile's and MAML's reference behaviour: batch statistics in training and test).
+default (Reptile's and MAML's reference behaviour: batch statistics in training and test);
+under "per_step" (MTL+MAML only) fine-tuning step s reads the training loop's statistics of
+step min(s, k). MTL+Reptile refuses "per_step", and "running" at β = 1: Reptile's side has no
+forward after the inner steps, so nothing would learn those statistics.
 """
 from __future__ import annotations
 
@@ -149,6 +152,18 @@ def _zero_linear(d_in: int, d_out: int, like: Optional[Tensor] = None) -> nn.Lin
     return layer
 
 
+def _copy_per_step_stats(source: InnerLoop, target: InnerLoop) -> None:
+    """Give ``target``'s step s the per-step BatchNorm statistics of ``source``'s step
+    min(s, T_source) (MAML++'s policy: steps beyond the trained ones read the last set), so
+    that test-time fine-tuning with a new loop normalises with the learned statistics."""
+    last = source.steps
+    for k in range(len(source._bn_names)):
+        for kind in ("mean", "var"):
+            src, dst = getattr(source, f"bn_{kind}_{k}"), getattr(target, f"bn_{kind}_{k}")
+            idx = torch.clamp(torch.arange(dst.shape[0], device=src.device), max=last)
+            dst.copy_(src[idx])
+
+
 def _not_base_head(name: str, param, module) -> bool:
     return not name.startswith("base_head.")
 
@@ -235,6 +250,12 @@ class _MTL(Learner):
             raise ConfigError(f"learner '{self.name}' needs num_classes (the C base classes of "
                               f"the training split) for its transfer head when beta < 1 "
                               f"(beta={cfg.beta})")
+        if self.variant == "reptile" and (cfg.bn == "per_step" or (cfg.bn == "running"
+                                                                and cfg.beta == 1)):
+            raise ConfigError(f"learner '{self.name}': bn={cfg.bn!r} with beta={cfg.beta} leaves "
+                              "the test-time statistics unlearned (Reptile's side has no forward "
+                              "after the inner steps; only the transfer step updates running "
+                              "statistics); use 'transductive'")
         #: f_θ: shared features, N-way ``head``, C-way ``base_head``
         self.net = MTLNet(self.make_backbone(), cfg.ways, num_classes if cfg.beta < 1 else None)
         #: the k inner steps of lines 5-6 (adapts the features and the N-way head)
@@ -409,6 +430,8 @@ class _MTL(Learner):
         head = _zero_linear(self.net.head.in_features, episode.ways, self.net.head.weight)
         net = _FineTuneNet(self.net.backbone, head)
         loop = InnerLoop(net, steps=cfg.eval_steps, lr=cfg.eval_lr, bn=cfg.bn, optimizer="sgd")
+        if cfg.bn == "per_step":  # fine-tuning step s reads the training set min(s, k)
+            _copy_per_step_stats(self.inner, loop)
         x, y = episode.support_x, episode.support_y
         n = x.shape[0]
         batch = None if cfg.eval_batch is None else min(cfg.eval_batch, n)
