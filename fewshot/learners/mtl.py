@@ -505,7 +505,8 @@ class _MTL(Learner):
         """The authors' update (module docstring): θ ← ½θ + ½(β θ_meta + (1 − β) θ_disc),
         tasks in sequence, run-long inner and transfer Adam states."""
         beta = float(self.config.beta)
-        eps = self.optimizers["meta"].param_groups[0]["lr"]  # ε, annealed by the scheduler
+        cfg = self.config  # ε: α_outer, annealed linearly as the meta scheduler does
+        eps = cfg.lr * (max(0.0, 1.0 - self.steps_done / cfg.anneal_steps) if cfg.anneal_steps else 1.0)
         params = list(self.net.parameters())
         theta = [p.detach().clone() for p in params]
         d_meta = [torch.zeros_like(t) for t in theta]
@@ -522,9 +523,6 @@ class _MTL(Learner):
             for p, t, dm, dd in zip(params, theta, d_meta, d_disc):
                 p.copy_(t + 0.5 * beta * eps * dm / n + 0.5 * (1.0 - beta) * dd / n)
                 p.grad = None
-        sched = self.schedulers.get("meta")
-        if sched is not None:
-            sched.step()
         metrics = {k: torch.stack([o[k] for o in per_task]).mean() for k in per_task[0]}
         metrics["loss"] = beta * metrics["meta_loss"] + (1.0 - beta) * metrics.get(
             "transfer_loss", torch.zeros(()))

@@ -354,3 +354,63 @@ def test_l2g_with_vanishing_step_is_protonet_on_t_j(one_thread):
         assert torch.equal(a[k], b[k]), k
     proto.eval(), l2g.eval()
     assert torch.equal(proto.predict(pairs[0][0]), l2g.predict(pairs[0][0]))
+
+
+def _batch_stats_copy(module):
+    """A copy whose BatchNorm layers use batch statistics and keep no running ones
+    (what the learner's training forwards compute under bn='transductive')."""
+    import copy
+
+    module = copy.deepcopy(module)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    return module
+
+
+def test_l2g_relationnet_meta_gradient_matches_torch_func():
+    """L2G + RelationNet: ∇_θ mean_pairs L_Tj(θ − α ∇_θ L_Ti(θ)) (eq. 4, second order) for the
+    embedding *and* the relation module, against torch.func on an independent write-out of
+    eqs. 9-11 (class sums, concatenated pairs, sigmoid relation scores, MSE to one-hot)."""
+    cls = get_learner("l2g+relationnet")
+    torch.manual_seed(0)
+    learner = cls(cls.Config(inner_lr=0.3, bn="transductive", grad_clip=0.0, relation_hidden=4,
+                             backbone_options={"hidden": 4}), in_channels=1, image_size=28).double()
+    g = torch.Generator().manual_seed(5)
+
+    def task(ways, offset):
+        e = random_episode(ways=ways, shots=2, queries=2, size=28, generator=g, noise=1.0)
+        return Episode(e.support_x.double(), e.support_y, e.query_x.double(), e.query_y,
+                       classes=torch.arange(ways) + offset)
+
+    pairs = [(task(3, 0), task(2, 10)), (task(2, 20), task(3, 30))]
+    enc, rel = _batch_stats_copy(learner.scorer.encoder), _batch_stats_copy(learner.scorer.relation)
+
+    def loss(p, t):
+        z = functional_call(enc, {k[8:]: v for k, v in p.items() if k.startswith("encoder.")},
+                            (torch.cat([t.support_x, t.query_x]),))
+        s = len(t.support_y)
+        protos = [z[:s][t.support_y == c].sum(0) for c in range(t.ways)]
+        pairs_ = torch.stack([torch.cat([protos[c], q]) for q in z[s:] for c in range(t.ways)])
+        scores = functional_call(rel, {k[9:]: v for k, v in p.items() if k.startswith("relation.")},
+                                 (pairs_,)).view(-1, t.ways)
+        target = torch.zeros_like(scores)
+        target[torch.arange(len(t.query_y)), t.query_y] = 1.0
+        return ((scores - target) ** 2).mean()
+
+    def meta(p):
+        total = 0.0
+        for t_i, t_j in pairs:
+            gi = grad(lambda q: loss(q, t_i))(p)
+            total = total + loss({k: p[k] - 0.3 * gi[k] for k in p}, t_j)
+        return total / len(pairs)
+
+    params = {n: p.detach().clone() for n, p in learner.scorer.named_parameters()}
+    ref = grad(meta)(params)
+    got = _captured_grads(learner, pairs)
+    for n in params:
+        # (float64; BatchNorm over 6-8 images leaves ~1e-6 relative round-off on a few entries)
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-8, msg=lambda m: f"{n}: {m}")
+    assert ref["relation.fc1.weight"].abs().max() > 1e-4
+    assert ref["encoder.blocks.0.conv.weight"].abs().max() > 1e-4

@@ -266,26 +266,50 @@ def test_learns_glyphs(learn_glyphs, name, options):
     assert after > 0.68 and after - before > 0.04, (before, after)
 
 
-def test_meta_transfer_spec_carries_the_papers_settings():
+@pytest.mark.slow
+def test_meta_transfer_spec_learners_do_what_their_labels_say():
+    """Build every MTL learner of benchmarks/meta_transfer_table1.toml (its --quick form, on
+    glyph-sized images) and take one training step on tasks of the spec's training shape:
+    Transfer moves only the C-way head's side, Reptile/MAML have no transfer side, MTL moves
+    both heads, "(20-way)" entries train a 20-way head on 20-way tasks, "(authors)" runs the
+    authors' update (an inner optimiser that persists across tasks)."""
     from fewshot.bench import load_spec
     from fewshot.config import config_from_dict
 
     repo = Path(__file__).resolve().parents[2]
-    spec = load_spec(repo / "benchmarks" / "meta_transfer_table1.toml")
-    assert spec.base["data"]["test_split"] == "val+test"  # 36 unseen classes (64/36 split)
-    assert spec.base["eval"] == {"ways": [5, 20, 35], "shots": [1, 5, 100], "queries": 15,
-                                 "episodes": 600, "seed": 2024, "checkpoint": "last"}
-    betas = {}
+    spec = load_spec(repo / "benchmarks" / "meta_transfer_table1.toml", quick=True)
+    seen = set()
     for e in spec.learners:
         cfg = config_from_dict(spec.run_config(e, 0))
-        opts = get_learner(cfg.learner.name).Config(**cfg.learner.options)
-        opts.validate()
-        if cfg.learner.name.startswith("mtl"):
-            betas[e.label] = opts.beta
-            assert (opts.inner_steps, opts.inner_batch, opts.backbone_options) == (10, 20, {"hidden": 32})
-            assert (cfg.train.meta_batch, cfg.train.shots, cfg.train.episodes) == (5, 15, 100000)
-    assert betas == {"Transfer": 0.0, "Reptile": 1.0, "MTL+Reptile": 0.9, "MAML": 1.0,
-                     "MTL+MAML": 0.9}
+        if not cfg.learner.name.startswith("mtl"):
+            continue
+        seen.add(e.label)
+        cls = get_learner(cfg.learner.name)
+        opts = dict(cfg.learner.options, backbone_options={"hidden": 4})
+        torch.manual_seed(0)
+        learner = cls(cls.Config(**opts), in_channels=1, image_size=28, num_classes=40)
+        t = cfg.train
+        want_ways = 20 if e.label.endswith("(20-way)") else 5
+        assert t.ways == want_ways and learner.net.head.out_features == want_ways, e.label
+        learner.validate_task(t.ways, t.shots, t.queries)
+        with pytest.raises(ConfigError):
+            learner.validate_task(25 - want_ways, t.shots, t.queries)
+        assert ("inner" in learner.optimizers) == e.label.endswith("(authors)"), e.label
+        g = torch.Generator().manual_seed(1)
+        eps = [random_episode(ways=t.ways, shots=4, queries=1, size=28, generator=g,
+                              num_base=40) for _ in range(2)]  # (fewer shots: a fast test)
+        before = {n: p.detach().clone() for n, p in learner.net.named_parameters()}
+        learner.train_step(eps)
+        learner.train_step(eps[::-1])  # (zero heads: the features move from the second step)
+        moved = {n.split(".")[0] for n, p in learner.net.named_parameters()
+                 if not torch.equal(p.detach(), before[n])}
+        kind = e.label.split(" ")[0]
+        expect = {"Transfer": {"backbone", "base_head"}, "Reptile": {"backbone", "head"},
+                  "MAML": {"backbone", "head"}}.get(kind, {"backbone", "head", "base_head"})
+        assert moved == expect, (e.label, moved)
+        assert (learner.net.base_head is None) == (kind in ("Reptile", "MAML")), e.label
+    assert {"MTL+Reptile (authors)", "MTL+MAML (20-way)", "Transfer (20-way)"} <= seen
+    assert len(seen) == 11
 
 
 def test_any_way_evaluation_is_supported():
