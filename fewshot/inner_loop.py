@@ -48,7 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fewshot.errors import ConfigError
 
 BN_POLICIES = ("transductive", "running", "per_step")
-ADAPT_PRESETS = ("all", "conv", "fc", "head")
+ADAPT_PRESETS = ("all", "conv", "fc", "head", "first_conv", "last_fc")
 Selector = Union[str, Callable[[str, nn.Parameter, nn.Module], bool]]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -79,8 +79,10 @@ def select_parameters(model: nn.Module, adapt: Selector) -> List[bool]:
 
     ``"all"``: every parameter; ``"conv"``: parameters of convolution modules; ``"fc"``: of
     ``nn.Linear`` modules; ``"head"``: of the module named ``head`` (else the last Linear).
-    BatchNorm affine parameters are neither conv nor fc. A callable receives
-    ``(name, parameter, owning_module)``.
+    BatchNorm affine parameters are neither conv nor fc. ``"first_conv"``: of the first
+    convolution module in ``named_modules`` order; ``"last_fc"``: of the last ``nn.Linear``
+    (MLTP sec. III-E's "only the first convolutional layer" / "the last fully connected
+    layer"). A callable receives ``(name, parameter, owning_module)``.
     """
     owners = _owner_modules(model)
     names = [n for n, _ in model.named_parameters()]
@@ -92,6 +94,11 @@ def select_parameters(model: nn.Module, adapt: Selector) -> List[bool]:
         return [isinstance(owners[n][1], _CONV) for n in names]
     if adapt == "fc":
         return [isinstance(owners[n][1], nn.Linear) for n in names]
+    if adapt in ("first_conv", "last_fc"):
+        kind = _CONV if adapt == "first_conv" else nn.Linear
+        layers = [n for n, m in model.named_modules() if isinstance(m, kind)]
+        pick = (layers[0] if adapt == "first_conv" else layers[-1]) if layers else None
+        return [owners[n][0] == pick for n in names]
     if adapt == "head":
         head = _head_module_name(model)
         if head is None:

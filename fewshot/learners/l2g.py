@@ -40,7 +40,8 @@ Choices the paper leaves open, taken from its baselines' papers and written down
 * BatchNorm (``bn``, default ``"running"``): batch statistics while training; the running
   statistics are updated by the outer forward on T_j only (never by the inner step on T_i)
   and used at test time, as ProtoNet and RelationNet test in eval mode. ``"transductive"``
-  normalises every forward, including test queries, with the batch's own statistics.
+  normalises every forward, including test queries, with the batch's own statistics;
+  ``"per_step"`` tests with the statistics of step 0 (see ``predict``).
 * Support and query images of a task go through the embedding in one batch.
 * Prototypes: mean of the support embeddings for ProtoNet (eq. 6), sum for RelationNet
   (eq. 9, Sung et al.'s "element-wise sum").
@@ -291,10 +292,24 @@ class _BilevelMetric(Learner):
         return {"loss": loss, "acc": torch.stack(accs).mean(), "inner_loss": torch.stack(inner).mean()}
 
     def predict(self, episode) -> Tensor:
-        """X's query scores at the meta-learned θ, no fine-tuning (L2G sec. 3.3)."""
+        """X's query scores at the meta-learned θ, no fine-tuning (L2G sec. 3.3).
+
+        The forward goes through the inner loop's functional model at θ, in eval mode, so
+        BatchNorm follows the ``bn`` policy: "transductive" normalises with the statistics of
+        the episode's own batch (support and query images, embedded together as in
+        training), "running" with the running statistics, "per_step" with the per-step set
+        of step index 0 (θ is the network after 0 inner steps; set 0 is the one the inner
+        step's forward at θ updates in training).
+        """
         check_episode(self, episode)
-        with torch.no_grad():
-            return self.scorer(episode.support_x, episode.support_y, episode.query_x, episode.ways)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                net = self.inner.functional(step=0)
+                return net(episode.support_x, episode.support_y, episode.query_x, episode.ways)
+        finally:
+            self.train(was_training)
 
 
 @dataclass

@@ -14,9 +14,7 @@ mini-ImageNet). Each iteration, for a batch of tasks τ_i ~ p(τ):
 where L_(x,y) is the C-way cross-entropy over *all* instances of the sampled tasks with
 their base-class labels (the episodes' ``base_support_y`` / ``base_query_y``). Lines 7 and
 9 are both evaluated at the same θ and the two moved copies are averaged with weight β on
-the meta-learner (the paper's convention, used by the config: ``beta``). The authors'
-public code weights the *transfer* copy with its "β = 0.1"; that is ``beta = 0.9`` here,
-the default. β = 1 is the plain meta-learner, β = 0 plain transfer learning. θ is every
+the meta-learner (the paper's convention, used by the config: ``beta``; default 0.9). β = 1 is the plain meta-learner, β = 0 plain transfer learning. θ is every
 parameter: line 9 leaves the N-way head where it is and line 7/8 leaves the C-way head, so
 line 10 moves the N-way head by β times its meta update and the C-way head by (1 − β) times
 its transfer update, as the formula says.
@@ -36,11 +34,38 @@ MTL+MAML adapts on the support set and takes line 7's loss on the query set (MAM
 train/test split of a task); MTL+Reptile adapts on all of the task's examples (support and
 query), as Reptile has no query loss.
 
+The authors' code (github.com/erfaneshrati/meta-transfer-learning, TensorFlow on OpenAI's
+Reptile code; ``supervised_mtl/reptile.py``, ``Reptile.train_metatransfer_step``) differs
+from line 10 as written, and ``mode = "authors"`` (MTL+Reptile only) reproduces it:
+
+* for each task τ_i in turn: k inner Adam steps from θ give θ_i; back at θ, *one* transfer
+  step on the C-way loss of the task's k inner mini-batches (concatenated, repeats
+  included) gives φ_i; back at θ. θ_meta = θ + ε mean_i(θ_i − θ), θ_disc = mean_i φ_i.
+* with their hard-coded "β = 0.1" on the transfer copy (our β = 0.9) they average the
+  two *moved* copies, θ + (1 − 0.1)(θ_meta − θ) and θ + 0.1 (θ_disc − θ), so
+      θ ← ½ θ + ½ (β θ_meta + (1 − β) θ_disc)
+  i.e. half of line 10's step: weights 0.45 on the meta move and 0.05 on the transfer
+  move (the same 9 : 1 ratio as β = 0.9 in line 10, half the step).
+* the inner Adam and the transfer Adam are TensorFlow optimisers whose moments (and step
+  counts) are not part of the variables restored to θ, so both keep their state across
+  tasks and iterations. The tasks of an iteration are therefore *sequential* in authors
+  mode (task i's inner steps start from the Adam state task i−1 left); it runs them one
+  after the other on one process (no rank averaging), and needs ``bn = "transductive"``
+  (their BatchNorm always uses batch statistics).
+
+The default ``mode = "paper"`` is Algorithm 1 as printed: one transfer step on all the
+tasks' images, line 10 with the full step, and an inner loop whose Adam state is new for
+every task (tasks independent of each other; a choice: the paper does not say, and the
+authors' code does otherwise, see above). Not reproduced in either mode: the authors' TF
+Adam puts ε on the un-corrected √v (torch.optim.Adam on the corrected one), and their
+sampler draws a task's classes with replacement.
+
 Step sizes and optimisers. ``lr`` is α_outer. The paper writes Σ_i; we use the mean over
 the meta-batch (Reptile's and MAML's batched code), i.e. α_outer(paper) = lr / meta-batch.
 Each update can be the paper's plain gradient step ("sgd") or an Adam step, as the authors'
 code does, where each head's loss has its own Adam with β1 = 0 (the transfer step's Adam
-keeps its moments across iterations; the inner loop's Adam starts afresh for each task).
+keeps its moments across iterations; in the default mode the inner loop's Adam starts
+afresh for each task, where the authors' code keeps it, see ``mode = "authors"`` above).
 Defaults (where the 2-page paper is silent, the authors' code): Conv-4 with 32 filters,
 both heads zero-initialised, k = 10 inner steps on batches of 20, α_inner = α_d = 1e-3
 with Adam (β1 = 0), meta-batch 5 and 15 training shots (sampler settings), 100,000
@@ -58,7 +83,10 @@ stochastic gradient descent will be used"): a new zero-initialised N-way head fo
 episode's N (any N: 5, 20, 35 ways), ``eval_steps`` plain SGD steps of size ``eval_lr``
 on mini-batches of at most ``eval_batch`` support examples (all parameters adapt), then
 the query logits. BatchNorm: the ``bn`` policy of the inner loop, "transductive" by
-default (Reptile's and MAML's reference behaviour: batch statistics in training and test).
+default (Reptile's and MAML's reference behaviour: batch statistics in training and test);
+under "per_step" (MTL+MAML only) fine-tuning step s reads the training loop's statistics of
+step min(s, k). MTL+Reptile refuses "per_step", and "running" at β = 1: Reptile's side has no
+forward after the inner steps, so nothing would learn those statistics.
 """
 from __future__ import annotations
 
@@ -149,6 +177,24 @@ def _zero_linear(d_in: int, d_out: int, like: Optional[Tensor] = None) -> nn.Lin
     return layer
 
 
+def _copy_per_step_stats(source: InnerLoop, target: InnerLoop) -> None:
+    """Give ``target``'s step s the per-step BatchNorm statistics of ``source``'s step
+    min(s, T_source) (MAML++'s policy: steps beyond the trained ones read the last set), so
+    that test-time fine-tuning with a new loop normalises with the learned statistics."""
+    last = source.steps
+    for k in range(len(source._bn_names)):
+        for kind in ("mean", "var"):
+            src, dst = getattr(source, f"bn_{kind}_{k}"), getattr(target, f"bn_{kind}_{k}")
+            idx = torch.clamp(torch.arange(dst.shape[0], device=src.device), max=last)
+            dst.copy_(src[idx])
+
+
+@torch.no_grad()
+def _load(params: List[Tensor], values: List[Tensor]) -> None:
+    for p, v in zip(params, values):
+        p.copy_(v)
+
+
 def _not_base_head(name: str, param, module) -> bool:
     return not name.startswith("base_head.")
 
@@ -159,7 +205,8 @@ class MTLConfig(LearnerConfig):
 
     lr: α_outer, the meta-learner step (Reptile: interpolation 1.0; MAML: Adam 1e-3).
     meta_optimizer: "sgd" (the paper's plain step) or "adam" for line 7/8.
-    beta: β of line 10, weight of the meta-learner's copy, in [0, 1] (0.9 = the code's 0.1).
+    beta: β of line 10, weight of the meta-learner's copy, in [0, 1] (0.9: the authors' code's
+        "0.1" on the transfer copy; their update is half of line 10's, see ``mode``).
     ways: N of the training tasks' head (every training episode must be N-way).
     inner_steps: k, inner steps per task (10).
     inner_batch: examples per sub-batch (20); None splits the task into k parts.
@@ -171,6 +218,8 @@ class MTLConfig(LearnerConfig):
     eval_steps, eval_lr, eval_batch: test-time SGD fine-tuning of a new N-way head.
     bn: BatchNorm policy of the inner loop ("transductive", "running", "per_step").
     seed: seed of the sub-batch shuffles.
+    mode: "paper" (Algorithm 1 as printed) or "authors" (MTL+Reptile only: the authors'
+        update, sequential tasks, see the module docstring).
     """
 
     lr: float = 1.0
@@ -191,9 +240,16 @@ class MTLConfig(LearnerConfig):
     eval_batch: Optional[int] = 128
     bn: str = "transductive"
     seed: int = 0
+    mode: str = "paper"
 
     def validate(self) -> None:
         super().validate()
+        require(self.mode in ("paper", "authors"), f"learner option 'mode' must be 'paper' "
+                f"(Algorithm 1 as printed) or 'authors' (the authors' code), got {self.mode!r}")
+        if self.mode == "authors":
+            require(self.bn == "transductive" and self.meta_optimizer == "sgd",
+                    "learner option mode='authors' reproduces the authors' code: it needs "
+                    "bn='transductive' and meta_optimizer='sgd' (Reptile's interpolation)")
         require(isinstance(self.beta, (int, float)) and not isinstance(self.beta, bool)
                 and 0.0 <= self.beta <= 1.0,
                 f"learner option 'beta' (β of MTL Algorithm 1, line 10: the meta-learner's "
@@ -235,6 +291,16 @@ class _MTL(Learner):
             raise ConfigError(f"learner '{self.name}' needs num_classes (the C base classes of "
                               f"the training split) for its transfer head when beta < 1 "
                               f"(beta={cfg.beta})")
+        if self.variant == "reptile" and (cfg.bn == "per_step" or (cfg.bn == "running"
+                                                                and cfg.beta == 1)):
+            raise ConfigError(f"learner '{self.name}': bn={cfg.bn!r} with beta={cfg.beta} leaves "
+                              "the test-time statistics unlearned (Reptile's side has no forward "
+                              "after the inner steps; only the transfer step updates running "
+                              "statistics); use 'transductive'")
+        if cfg.mode == "authors" and self.variant != "reptile":
+            raise ConfigError(f"learner '{self.name}': mode='authors' reproduces the authors' "
+                              "Reptile update only (their 'MAML' is first-order FOML); use "
+                              "mtl+reptile or mode='paper'")
         #: f_θ: shared features, N-way ``head``, C-way ``base_head``
         self.net = MTLNet(self.make_backbone(), cfg.ways, num_classes if cfg.beta < 1 else None)
         #: the k inner steps of lines 5-6 (adapts the features and the N-way head)
@@ -254,6 +320,9 @@ class _MTL(Learner):
             transfer_params = list(self.net.backbone.parameters()) + list(self.net.base_head.parameters())
             self.optimizers["transfer"] = self._optimizer(transfer_params, cfg.transfer_optimizer,
                                                           cfg.transfer_lr, beta1=cfg.adam_beta1)
+        if cfg.mode == "authors":  # one inner optimiser for the whole run (its state persists)
+            self.optimizers["inner"] = self._optimizer(meta_params, cfg.inner_optimizer,
+                                                       cfg.inner_lr, beta1=cfg.adam_beta1)
         self._rng = torch.Generator().manual_seed(int(cfg.seed))
 
     @staticmethod
@@ -362,6 +431,8 @@ class _MTL(Learner):
         for ep in episodes:
             self._check_task(ep)
         self.train()
+        if self.config.mode == "authors":
+            return self._authors_step(episodes)
         beta = float(self.config.beta)
         params = list(self.net.parameters())
         theta = [p.detach().clone() for p in params]
@@ -396,6 +467,75 @@ class _MTL(Learner):
         metrics["acc"] = metrics["meta_acc"] if beta > 0 else metrics["transfer_acc"]
         return metrics
 
+    # --------------------------------------------------------------- authors mode
+    def _authors_task(self, ep, theta: List[Tensor]):
+        """One task of the authors' update from θ: (θ_i, φ_i, metrics); θ is restored."""
+        cfg = self.config
+        params = list(self.net.parameters())
+        x = torch.cat([ep.support_x, ep.query_x])
+        y = torch.cat([ep.support_y, ep.query_y])
+        batches = [b.to(x.device) for b in sub_batches(x.shape[0], cfg.inner_steps,
+                                                       cfg.inner_batch, self._rng)]
+        net, out = self.inner.functional(), {}
+        for rows in batches:  # k steps of the run-long inner optimiser (state kept)
+            logits = net(x[rows])
+            loss = F.cross_entropy(logits, y[rows])
+            self.optimizers["inner"].zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizers["inner"].step()
+            out["meta_loss"], out["meta_acc"] = loss.detach(), accuracy(logits.detach(), y[rows])
+        theta_i = [p.detach().clone() for p in params]
+        _load(params, theta)
+        phi_i = theta
+        if self.net.base_head is not None:  # one transfer step on the k mini-batches' images
+            rows = torch.cat(batches)
+            yb = torch.cat([ep.base_support_y, ep.base_query_y])[rows]
+            self._check_base(yb)
+            logits = self.net(x[rows], base=True)
+            loss = F.cross_entropy(logits, yb)
+            self.optimizers["transfer"].zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizers["transfer"].step()
+            out["transfer_loss"], out["transfer_acc"] = loss.detach(), accuracy(logits.detach(), yb)
+            phi_i = [p.detach().clone() for p in params]
+            _load(params, theta)
+        return theta_i, phi_i, out
+
+    def _authors_step(self, episodes) -> Dict[str, Tensor]:
+        """The authors' update (module docstring): θ ← ½θ + ½(β θ_meta + (1 − β) θ_disc),
+        tasks in sequence, run-long inner and transfer Adam states."""
+        beta = float(self.config.beta)
+        cfg = self.config  # ε: α_outer, annealed linearly as the meta scheduler does
+        eps = cfg.lr * (max(0.0, 1.0 - self.steps_done / cfg.anneal_steps) if cfg.anneal_steps else 1.0)
+        params = list(self.net.parameters())
+        theta = [p.detach().clone() for p in params]
+        d_meta = [torch.zeros_like(t) for t in theta]
+        d_disc = [torch.zeros_like(t) for t in theta]
+        per_task = []
+        for ep in episodes:
+            theta_i, phi_i, out = self._authors_task(ep, theta)
+            for dm, dd, t, a, b in zip(d_meta, d_disc, theta, theta_i, phi_i):
+                dm.add_(a - t)
+                dd.add_(b - t)
+            per_task.append(out)
+        n = len(episodes)
+        with torch.no_grad():
+            for p, t, dm, dd in zip(params, theta, d_meta, d_disc):
+                p.copy_(t + 0.5 * beta * eps * dm / n + 0.5 * (1.0 - beta) * dd / n)
+                p.grad = None
+        metrics = {k: torch.stack([o[k] for o in per_task]).mean() for k in per_task[0]}
+        metrics["loss"] = beta * metrics["meta_loss"] + (1.0 - beta) * metrics.get(
+            "transfer_loss", torch.zeros(()))
+        metrics["acc"] = metrics["meta_acc"]
+        self.check_finite(metrics["loss"], self.steps_done)
+        self.steps_done += 1
+        return metrics
+
+    def _check_base(self, y: Tensor) -> None:
+        if int(y.min()) < 0 or int(y.max()) >= self.net.base_head.out_features:
+            raise DataError(f"base-class labels {int(y.min())}..{int(y.max())} do not fit the "
+                            f"C-way head (C = num_classes = {self.net.base_head.out_features})")
+
     # ------------------------------------------------------------------------ test
     def supports_ways(self, ways: int) -> bool:
         """Any N: :meth:`predict` puts a new N-way head on the features (``ways`` is only
@@ -409,6 +549,8 @@ class _MTL(Learner):
         head = _zero_linear(self.net.head.in_features, episode.ways, self.net.head.weight)
         net = _FineTuneNet(self.net.backbone, head)
         loop = InnerLoop(net, steps=cfg.eval_steps, lr=cfg.eval_lr, bn=cfg.bn, optimizer="sgd")
+        if cfg.bn == "per_step":  # fine-tuning step s reads the training set min(s, k)
+            _copy_per_step_stats(self.inner, loop)
         x, y = episode.support_x, episode.support_y
         n = x.shape[0]
         batch = None if cfg.eval_batch is None else min(cfg.eval_batch, n)

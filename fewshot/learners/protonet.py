@@ -206,7 +206,16 @@ class ProtoNet(Learner):
         return mean_episode_update(self, episodes, self.episode_loss)
 
     def predict(self, episode) -> Tensor:
-        """Query logits from the support prototypes; no fine-tuning (Snell et al.)."""
+        """Query logits from the support prototypes; no fine-tuning (Snell et al.).
+
+        Always in eval mode (BatchNorm reads its running statistics and never updates them),
+        whatever mode the caller left the learner in.
+        """
         check_episode(self, episode)
-        with torch.no_grad():
-            return self.episode_logits(episode)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self.episode_logits(episode)
+        finally:
+            self.train(was_training)

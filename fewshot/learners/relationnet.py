@@ -126,7 +126,16 @@ class RelationNet(Learner):
             clip_groups=[self.encoder.parameters(), self.relation.parameters()])
 
     def predict(self, episode) -> Tensor:
-        """Relation scores (Q, N) of the queries; no fine-tuning (Sung et al.)."""
+        """Relation scores (Q, N) of the queries; no fine-tuning (Sung et al.).
+
+        Always in eval mode (BatchNorm reads its running statistics and never updates them),
+        whatever mode the caller left the learner in.
+        """
         check_episode(self, episode)
-        with torch.no_grad():
-            return self.episode_scores(episode)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self.episode_scores(episode)
+        finally:
+            self.train(was_training)

@@ -102,7 +102,9 @@ class Reptile(Learner):
         eval_steps: fine-tuning steps at test (50).
         eval_batch: examples per fine-tuning step (None = the whole support set; the code
             used 5 for 1-shot and 15 for 5-shot 5-way).
-        bn: BatchNorm policy of the inner loop ("transductive", as the paper's results).
+        bn: BatchNorm policy of the inner loop: only "transductive" (the paper's results and
+            code: batch statistics everywhere). "running" and "per_step" are refused: their
+            statistics are learned by a forward after the inner steps, which Reptile has not.
         meta_batch: tasks per outer step the trainer should draw (5).
         seed: seeds the mini-batch order (together with the step number).
         """
@@ -145,6 +147,9 @@ class Reptile(Learner):
                     f"{self.meta_step_size_final!r}")
             require(self.bn in BN_POLICIES, f"learner option 'bn' must be one of "
                     f"{', '.join(BN_POLICIES)}, got {self.bn!r}")
+            require(self.bn == "transductive", f"learner option bn={self.bn!r} does not fit "
+                    "Reptile: its update has no forward after the inner steps, so running or "
+                    "per-step statistics for testing are never learned; use 'transductive'")
 
     def __init__(self, config=None, *, in_channels, image_size, num_classes=None, backbone=None):
         super().__init__(config, in_channels=in_channels, image_size=image_size,
