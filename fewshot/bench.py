@@ -57,7 +57,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from fewshot.config import atomic_write_text, config_from_dict, config_hash, tomllib
+from fewshot.atomic import atomic_write_text
+from fewshot.config import config_from_dict, config_hash, tomllib
 from fewshot.errors import ConfigError, FewShotError, closest
 from fewshot.report import mean_ci
 
@@ -294,7 +295,7 @@ def _reusable(run_dir: Path, cfg) -> str:
         return "absent"
     if not (run_dir / "config.toml").is_file():
         return "conflict"
-    from fewshot.train import open_run
+    from fewshot.run import open_run
 
     try:
         run = open_run(run_dir)
@@ -325,8 +326,9 @@ def _same_grid(grid, cfg) -> bool:
 def run_bench(spec_path, *, quick: bool = False, out: Optional[str] = None, force: bool = False,
               device: Optional[str] = None, quiet: bool = False, echo=print) -> BenchResult:
     """Train and evaluate every learner x seed of a spec and write the report."""
-    from fewshot.api import evaluate_run
-    from fewshot.train import Trainer, open_run
+    from fewshot.evaluation import evaluate_run
+    from fewshot.run import open_run
+    from fewshot.trainer import Trainer
 
     spec = load_spec(spec_path, quick=quick)
     out_dir = Path(out or spec.out)
@@ -384,7 +386,7 @@ def run_bench(spec_path, *, quick: bool = False, out: Optional[str] = None, forc
 def _check_grids(plan) -> None:
     """The evaluation grid and training tasks of every planned run, against the splits."""
     from fewshot.data.store import open_split
-    from fewshot.evaluate import check_grid
+    from fewshot.evaluation import check_grid
 
     from fewshot.learners import get_learner
 

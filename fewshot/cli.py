@@ -283,7 +283,7 @@ def _train_device(args) -> str:
 
 
 def _train(args) -> int:
-    from fewshot.train import Trainer
+    from fewshot.trainer import Trainer
 
     overrides = list(args.overrides)
     if args.device:
@@ -316,8 +316,8 @@ def _train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from fewshot.api import evaluate_run
-    from fewshot.train import open_run
+    from fewshot.evaluation import evaluate_run
+    from fewshot.run import open_run
 
     run = open_run(args.run_dir)
     grid = evaluate_run(run, ways=args.ways, shots=args.shots, queries=args.queries,
@@ -351,7 +351,7 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_embed(args) -> int:
-    from fewshot.api import embed
+    from fewshot.evaluation import embed
 
     path, method = embed(args.run_dir, ways=args.ways, shots=args.shots, queries=args.queries,
                          episode=args.episode, split=args.split, method=args.method,
@@ -380,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args._argv = argv
         return COMMANDS[args.command](args)
     except FewShotError as e:
-        from fewshot.train import Interrupted
+        from fewshot.trainer import Interrupted
 
         if isinstance(e, Interrupted):
             print(f"fewshot: {e}", file=sys.stderr)

@@ -33,10 +33,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from fewshot.atomic import atomic_write_text
 from fewshot.errors import ConfigError, closest
 
 __all__ = [
-    "DataConfig", "LearnerSection", "TaskSpec", "TrainConfig", "EvalConfig", "RunConfig",
+    "DataConfig", "LearnerSection", "TrainConfig", "EvalConfig", "RunConfig",
     "load_config", "config_from_dict", "apply_overrides", "parse_override", "dump_toml",
     "save_config", "config_hash", "explain", "check_type", "learner_options",
 ]
@@ -64,15 +65,6 @@ class DataConfig:
                                          "disk; unset: in memory when the store fits")
     augment: Optional[str] = _f(None, "training augmentation preset passed to the sampler "
                                       "(e.g. 'cifar', 'tiny'); unset: none")
-
-
-@dataclass
-class TaskSpec:
-    """A task shape: N ways, K shots, Q queries per class (lists = drawn per episode)."""
-
-    ways: Union[int, List[int]] = _f(5, "classes per task (a list: drawn per episode)")
-    shots: Union[int, List[int]] = _f(1, "support examples per class (a list: drawn per episode)")
-    queries: int = _f(15, "query examples per class")
 
 
 @dataclass
@@ -316,6 +308,20 @@ def learner_options(name: str, options: Mapping[str, Any], where: str = ""):
     return cfg
 
 
+def _validate_amp(cfg: RunConfig) -> None:
+    """Autocast only for learners that declare it safe (no second-order or fine-tuned
+    gradients); fp16 on a CPU-only config is refused here, on a CPU-only machine by the trainer."""
+    from fewshot.learners import get_learner  # learners import torch: not at `import fewshot.config`
+
+    t = cfg.train
+    if t.amp != "off" and not getattr(get_learner(cfg.learner.name), "supports_autocast", False):
+        raise ConfigError(f"train.amp = {t.amp!r}: learner '{cfg.learner.name}' does not "
+                          f"declare autocast safe (second-order or fine-tuned gradients); "
+                          f"set train.amp = \"off\"")
+    if t.amp == "fp16" and t.device == "cpu":
+        raise ConfigError("train.amp = 'fp16' needs a CUDA device; use 'bf16' on CPU")
+
+
 def _validate(cfg: RunConfig, where: str) -> None:
     t, e = cfg.train, cfg.eval
     src = f" ({where})" if where else ""
@@ -352,6 +358,7 @@ def _validate(cfg: RunConfig, where: str) -> None:
                           f"{t.device!r}{src}")
     if t.amp not in ("off", "bf16", "fp16"):
         raise ConfigError(f"config key 'train.amp' must be off, bf16 or fp16, found {t.amp!r}{src}")
+    _validate_amp(cfg)
     if not (t.lr_gamma > 0) or math.isnan(t.lr_gamma):
         raise ConfigError(f"config key 'train.lr_gamma' must be > 0, found {t.lr_gamma}{src}")
     if not e.ways or not e.shots:
@@ -535,15 +542,6 @@ def dump_toml(data: Mapping[str, Mapping[str, Any]], header: str = "") -> str:
                 continue
             lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
     return "\n".join(lines) + "\n"
-
-
-def atomic_write_text(path: Union[str, os.PathLike], text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (:func:`fewshot.atomic.atomic_output`)."""
-    from fewshot.atomic import atomic_output
-
-    with atomic_output(path, "w") as fh:
-        fh.write(text)
-    return Path(path)
 
 
 def save_config(cfg: RunConfig, path: Union[str, os.PathLike]) -> Path:

@@ -226,6 +226,29 @@ class SupervisedAdapter:
             self.epoch = epoch + 1
         self._epoch_set = False
 
+    def batches_from(self, start_step: int, on_epoch=None) -> Iterator[TaskPairBatch]:
+        """Minibatches from global step ``start_step`` on, epoch after epoch, without end.
+
+        ``on_epoch(epoch)`` is called at each epoch start (the trainer applies its learning-rate
+        milestones there). A resume inside an epoch continues with that epoch's batch
+        ``start_step % len(self)`` of the same permutation, so the run sees exactly the batches
+        of an uninterrupted one.
+        """
+        per_epoch = len(self)
+        epoch, skip = divmod(int(start_step), per_epoch)
+        while True:
+            if on_epoch is not None:
+                on_epoch(epoch)
+            self.set_epoch(epoch)
+            if skip:
+                perm = self.permutation(epoch)  # resume inside an epoch: batches skip..
+                for b in range(skip, per_epoch):
+                    yield self.batch(epoch, b, perm).to(self.device)
+            else:
+                yield from self
+            skip = 0
+            epoch += 1
+
     def state_dict(self) -> Dict[str, Any]:
         return {"sampler": "SupervisedAdapter", "seed": self.seed, "epoch": self.epoch}
 
