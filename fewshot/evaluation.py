@@ -226,7 +226,8 @@ def evaluate_grid(learner, store, *, ways: Sequence[int], shots: Sequence[int], 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(cells) * len(shard_indices(episodes, rank, world)), unit="ep",
-                   desc="eval", dynamic_ncols=True, leave=False)
+                   desc="eval", dynamic_ncols=True, leave=False,
+                   disable=None)  # None: no bar when stderr is not a terminal
     results, transductive, skipped = [], False, {}
     try:
         for w, s in cells:
