@@ -241,7 +241,7 @@ class SupervisedAdapter:
                 on_epoch(epoch)
             self.set_epoch(epoch)
             if skip:
-                perm = self.permutation(epoch)  # resume inside an epoch: batches skip..
+                perm = self.permutation(epoch)  # resumed inside the epoch: its batches skip, skip+1, ...
                 for b in range(skip, per_epoch):
                     yield self.batch(epoch, b, perm).to(self.device)
             else:

@@ -17,8 +17,8 @@ the support set first where the method's paper evaluates that way.
 from __future__ import annotations
 
 import abc
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, Dict, Iterable, List, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Dict, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -173,9 +173,6 @@ class Learner(nn.Module, metaclass=_LearnerMeta):
             raise ConfigError(f"support images {tuple(episode.support_x.shape[1:])} and query "
                               f"images {tuple(episode.query_x.shape[1:])} differ in shape")
 
-    def hyperparameters(self) -> Dict[str, Any]:
-        return asdict(self.config)
-
     # ----------------------------------------------------------- checkpoints
     def state_dict(self, *args, **kwargs):  # type: ignore[override]
         return {
@@ -213,8 +210,3 @@ class Learner(nn.Module, metaclass=_LearnerMeta):
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     """Fraction of correct arg-max predictions (0-dim tensor, no host sync)."""
     return (logits.argmax(dim=-1) == labels).float().mean()
-
-
-def stack_metrics(metrics: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
-    """Mean of each metric over a list of per-task metric dicts."""
-    return {k: torch.stack([m[k].detach().float() for m in metrics]).mean() for k in metrics[0]}
