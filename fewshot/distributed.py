@@ -11,34 +11,13 @@ torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MA
 group with a finite timeout and picks the device. Without those variables everything here
 is the single-process identity: rank 0 of a world of 1, collectives are no-ops.
 
-What each part of a run does across W ranks
-===========================================
-
-Episodic meta-training (MAML, ProtoNet, ..., L2G).
-    The meta-objective of a step is the mean over a meta-batch of T tasks,
-    ``L(θ) = 1/T Σ_{t=1..T} L_t(θ)`` (MAML eq. 6 / Algorithm 1 line 10 and every learner's
-    meta-batch mean). With ``T = W·M`` (:func:`split_meta_batch`), rank r takes M tasks and
-    computes ``g_r = ∇θ 1/M Σ_{t∈r} L_t(θ)``; :func:`all_reduce_mean_grads` (called by
-    ``Learner.outer_step`` before every optimiser step) replaces each g_r by
-    ``1/W Σ_r g_r = ∇θ 1/(W·M) Σ_t L_t(θ)``, the gradient of the global meta-batch, so every
-    rank applies the same update and parameters stay identical. The ``higher`` inner loop
-    does not go through DDP's module wrapper, hence the explicit all-reduce.
-    Each rank draws its own episodes from ``rank_seed(seed, rank)``.
-
-Supervised training (MLTP, standard).
-    Every rank draws the *same* permutation of the training set (the global seed, like
-    ``DistributedSampler``); a global minibatch of B rows is split by the paper into
-    task_i = rows [0, B/2) and task_j = rows [B/2, B) (MLTP Algorithm 1). The trainer's
-    ``SupervisedAdapter(rank=r, world_size=W)`` gives rank r the strided rows r, r+W, ... of
-    task_i and of task_j (B/(2W) of each); for a batch already in memory,
-    :func:`split_supervised_batch` takes the contiguous rows ``[r·b, (r+1)·b)`` of each half
-    (``b = B/(2W)``). Either way a rank's two halves are sub-batches of the paper's task_i and
-    task_j and the W ranks together cover the global minibatch exactly once.
-
-Evaluation.
-    Rank r evaluates the fixed episodes r, r+W, r+2W, ... (:func:`shard`);
-    :func:`gather_per_episode` puts the per-episode accuracies back in episode order on
-    every rank, so the table (means, 95% intervals) is the single-process table.
+Episodic meta-training: rank r takes M = T/W of a meta-batch of T tasks (from
+``rank_seed(seed, r)``); :func:`all_reduce_mean_grads` (in ``Learner.outer_step``) turns each
+rank's gradient g_r into 1/W Σ_r g_r = ∇θ 1/T Σ_t L_t(θ), the global meta-batch's gradient.
+Supervised training: every rank draws the same permutation and takes its share of both halves
+(task_i, task_j) of each global minibatch. Evaluation: rank r takes episodes r, r+W, ...;
+accuracies are gathered back in episode order. Why each of these equals the single-process
+computation: ``docs/distributed.md``.
 
 Only rank 0 (:func:`is_main`) writes logs, checkpoints and reports. A checkpoint records
 the world size; :func:`check_resume_world_size` refuses a resume with another one.

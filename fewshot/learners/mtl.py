@@ -21,11 +21,6 @@ parameter: line 9 leaves the N-way head where it is and line 7/8 leaves the C-wa
 line 10 moves the N-way head by β times its meta update and the C-way head by (1 − β) times
 its transfer update, as the formula says.
 
-Distributed training: each side hands its update to an optimiser as a gradient (Reptile's
-pseudo-gradient −mean_i(θ_i − θ), MAML's meta-gradient, the transfer gradient), so
-:meth:`Learner.outer_step` averages it over ranks before the step; the combination is then
-the same on every rank.
-
 The k inner steps go through :class:`fewshot.inner_loop.InnerLoop`; ``loss_fn`` picks
 sub-batch t at step t. Sub-batches: with ``inner_batch`` = B (default 20, the authors'
 code), the examples are shuffled and cut into k batches of B, reshuffling whenever a pass
