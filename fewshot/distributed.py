@@ -137,6 +137,29 @@ def init_from_env(backend: Optional[str] = None, timeout_s: Optional[float] = No
     successful initialisation returns the current context.
     """
     global _CTX
+    timeout_s = _timeout_seconds(timeout_s)
+    if dist.is_available() and dist.is_initialized():
+        return _CTX
+    world, rk, lrk = _env_int("WORLD_SIZE"), _env_int("RANK"), _env_int("LOCAL_RANK")
+    if world is None or world == 1:
+        if rk not in (None, 0):
+            raise DistributedError(f"RANK={rk} but WORLD_SIZE is {world}; launch with torchrun "
+                                   f"--nproc_per_node=N, which sets both")
+        _CTX = DistContext(device=_pick_device(device, lrk or 0), timeout_s=timeout_s)
+        return _CTX
+    _check_launch_env(world, rk)
+    lrk = rk if lrk is None else lrk
+    dev = _pick_device(device, lrk)
+    backend = _choose_backend(backend, dev)
+    _join(backend, dev, rk, world, timeout_s, init_timeout_s)
+    _CTX = DistContext(rank=rk, world_size=world, local_rank=lrk, device=dev, backend=backend,
+                       timeout_s=timeout_s, initialized=True)
+    return _CTX
+
+
+def _timeout_seconds(timeout_s) -> float:
+    """The collectives' timeout: the argument, else $FEWSHOT_DIST_TIMEOUT, else the default;
+    a positive finite number of seconds or a ConfigError naming where it came from."""
     where = "init_from_env(timeout_s=...)"
     if timeout_s is None:
         env = os.environ.get("FEWSHOT_DIST_TIMEOUT")
@@ -149,17 +172,11 @@ def init_from_env(backend: Optional[str] = None, timeout_s: Optional[float] = No
     if not timeout_s > 0 or timeout_s == float("inf"):
         raise ConfigError(f"{where}: the distributed timeout must be a positive, finite number "
                           f"of seconds, got {raw!r}")
-    if dist.is_available() and dist.is_initialized():
-        return _CTX
-    world = _env_int("WORLD_SIZE")
-    rk = _env_int("RANK")
-    lrk = _env_int("LOCAL_RANK")
-    if world is None or world == 1:
-        if rk not in (None, 0):
-            raise DistributedError(f"RANK={rk} but WORLD_SIZE is {world}; launch with torchrun "
-                                   f"--nproc_per_node=N, which sets both")
-        _CTX = DistContext(device=_pick_device(device, lrk or 0), timeout_s=timeout_s)
-        return _CTX
+    return timeout_s
+
+
+def _check_launch_env(world: int, rk: Optional[int]) -> None:
+    """What torchrun sets for a world of several ranks is present and consistent."""
     if world < 1:
         raise DistributedError(f"WORLD_SIZE={world} must be >= 1")
     if rk is None:
@@ -174,14 +191,22 @@ def init_from_env(backend: Optional[str] = None, timeout_s: Optional[float] = No
     if not dist.is_available():
         raise DistributedError("this PyTorch build has no torch.distributed; install a build "
                                "with distributed support or run one process")
-    lrk = rk if lrk is None else lrk
-    dev = _pick_device(device, lrk)
+
+
+def _choose_backend(backend: Optional[str], dev: torch.device) -> str:
+    """nccl on CUDA, gloo on the CPU, unless given; refuse a backend the device cannot use."""
     if backend is None:
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "nccl" and dev.type != "cuda":
         raise DistributedError("backend 'nccl' needs CUDA devices; use backend 'gloo' on the CPU")
     if backend == "gloo" and not dist.is_gloo_available():
         raise DistributedError("backend 'gloo' is not available in this PyTorch build")
+    return backend
+
+
+def _join(backend: str, dev: torch.device, rk: int, world: int, timeout_s: float,
+          init_timeout_s: Optional[float]) -> None:
+    """init_process_group with the rendezvous timeout, then the collectives' timeout."""
     kwargs: Dict[str, Any] = {}
     if backend == "nccl":
         kwargs["device_id"] = dev
@@ -203,9 +228,6 @@ def init_from_env(backend: Optional[str] = None, timeout_s: Optional[float] = No
             f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
             f"{time.monotonic() - t0:.1f} s (timeout {init_timeout:g} s): {_first_line(e)}; "
             f"check that every rank was started and the address is reachable") from e
-    _CTX = DistContext(rank=rk, world_size=world, local_rank=lrk, device=dev, backend=backend,
-                       timeout_s=timeout_s, initialized=True)
-    return _CTX
 
 
 def shutdown(wait_s: Optional[float] = None) -> None:
