@@ -184,68 +184,70 @@ def _coerce(value, tp):
             return None
         raise _Mismatch
     if origin is Union:
-        args = typing.get_args(tp)
-        # exact-type members first so 5 stays int in Union[int, List[int]] and 0.5 float in Union[int, float]
-        for a in args:
-            if a in (int, float, str, bool) and type(value) is a:
-                return value
-        for a in args:
-            try:
-                return _coerce(value, a)
-            except _Mismatch:
-                continue
-        raise _Mismatch
+        return _coerce_union(value, typing.get_args(tp))
     if origin is typing.Literal:
         if value in typing.get_args(tp):
             return value
         raise _Mismatch
-    if origin in (list, List, Sequence):
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        (inner,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, inner) for v in value]
-    if origin in (tuple, Tuple):
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0]) for v in value)
-        if args and len(args) != len(value):
-            raise _Mismatch
-        return tuple(_coerce(v, a) for v, a in zip(value, args)) if args else tuple(value)
+    if origin in (list, List, Sequence, tuple, Tuple):
+        return _coerce_sequence(value, tp, origin)
     if origin in (dict, Dict, Mapping) or tp is dict:
         if not isinstance(value, dict):
             raise _Mismatch
         return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
+    return _coerce_plain(value, tp)
+
+
+def _coerce_union(value, args):
+    # exact-type members first so 5 stays int in Union[int, List[int]] and 0.5 float in Union[int, float]
+    for a in args:
+        if a in (int, float, str, bool) and type(value) is a:
             return value
+    for a in args:
+        try:
+            return _coerce(value, a)
+        except _Mismatch:
+            continue
+    raise _Mismatch
+
+
+def _coerce_sequence(value, tp, origin):
+    """List[T] / Sequence[T] -> list; Tuple[T, ...] / Tuple[A, B] -> tuple of that shape."""
+    if not isinstance(value, (list, tuple)):
         raise _Mismatch
-    if tp is int:
-        if isinstance(value, bool):
-            raise _Mismatch
-        if isinstance(value, int):
-            return value
+    args = typing.get_args(tp)
+    if origin in (list, List, Sequence):
+        (inner,) = args or (Any,)
+        return [_coerce(v, inner) for v in value]
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(v, args[0]) for v in value)
+    if args and len(args) != len(value):
         raise _Mismatch
-    if tp is float:
-        if isinstance(value, bool):
-            raise _Mismatch
-        if isinstance(value, (int, float)):
-            return float(value)
+    return tuple(_coerce(v, a) for v, a in zip(value, args)) if args else tuple(value)
+
+
+def _coerce_plain(value, tp):
+    """bool, int (never from a bool), float (from an int too), str, list and other classes."""
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp in (int, float) and isinstance(value, bool):
         raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    if tp is list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
+    if tp is int and isinstance(value, int):
+        return value
+    if tp is float and isinstance(value, (int, float)):
+        return float(value)
+    if tp is str and isinstance(value, str):
+        return value
+    if tp is list and isinstance(value, (list, tuple)):
+        return list(value)
+    if tp in (bool, int, float, str, list):
         raise _Mismatch
     if isinstance(tp, type):
         if isinstance(value, tp):
             return value
         raise _Mismatch
     return value
+
 
 
 def check_type(key: str, value, tp, where: str = "") -> Any:
