@@ -59,8 +59,13 @@ import numpy as np
 
 from fewshot.atomic import atomic_write_text
 from fewshot.config import config_from_dict, config_hash, tomllib
+from fewshot.data.store import open_split
 from fewshot.errors import ConfigError, FewShotError, closest
+from fewshot.evaluation import check_grid, evaluate_run
+from fewshot.learners import get_learner
 from fewshot.report import mean_ci
+from fewshot.run import open_run
+from fewshot.trainer import Trainer
 
 __all__ = ["BenchSpec", "load_spec", "run_bench", "BenchResult"]
 
@@ -302,8 +307,6 @@ def _reusable(run_dir: Path, cfg) -> str:
         return "absent"
     if not (run_dir / "config.toml").is_file():
         return "conflict"
-    from fewshot.run import open_run
-
     try:
         run = open_run(run_dir)
     except FewShotError:
@@ -333,10 +336,6 @@ def _same_grid(grid, cfg) -> bool:
 def run_bench(spec_path, *, quick: bool = False, out: Optional[str] = None, force: bool = False,
               device: Optional[str] = None, quiet: bool = False, echo=print) -> BenchResult:
     """Train and evaluate every learner x seed of a spec and write the report."""
-    from fewshot.evaluation import evaluate_run
-    from fewshot.run import open_run
-    from fewshot.trainer import Trainer
-
     spec = load_spec(spec_path, quick=quick)
     out_dir = Path(out or spec.out)
     # 1. every config built and checked before any training
@@ -382,7 +381,7 @@ def run_bench(spec_path, *, quick: bool = False, out: Optional[str] = None, forc
     atomic_write_text(out_dir / "bench.csv", result.csv())
     md = result.markdown()
     atomic_write_text(out_dir / "bench.md", md)
-    from fewshot.plots import plot_bench
+    from fewshot.plots import plot_bench  # matplotlib: optional, and slow to import
 
     plot_bench({lab: {c: (st["mean"], st["ci95"]) for c, st in row.items()}
                 for lab, row in result.table.items()}, out_dir / "plots" / "bench.png",
@@ -392,11 +391,6 @@ def run_bench(spec_path, *, quick: bool = False, out: Optional[str] = None, forc
 
 def _check_grids(plan) -> None:
     """The evaluation grid and training tasks of every planned run, against the splits."""
-    from fewshot.data.store import open_split
-    from fewshot.evaluation import check_grid
-
-    from fewshot.learners import get_learner
-
     seen = set()
     for e, seed, cfg, _ in plan:
         if get_learner(cfg.learner.name).input_kind == "supervised":

@@ -15,6 +15,9 @@
 Every :class:`~fewshot.errors.FewShotError` is printed as one line on stderr and the exit
 status is 2; ``--debug`` (before the command) shows the traceback instead. An interrupted
 ``train`` (Ctrl-C / SIGTERM) writes its checkpoint and exits with 130 / 143.
+
+Each command imports what it runs inside its function, so that ``fewshot --help`` and
+``fewshot data info`` start without loading torch and every learner.
 """
 from __future__ import annotations
 

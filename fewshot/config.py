@@ -35,6 +35,7 @@ else:  # pragma: no cover - Python 3.10
 
 from fewshot.atomic import atomic_write_text
 from fewshot.errors import ConfigError, closest
+from fewshot.learners import get_learner
 
 __all__ = [
     "DataConfig", "LearnerSection", "TrainConfig", "EvalConfig", "RunConfig",
@@ -289,8 +290,6 @@ def learner_options(name: str, options: Mapping[str, Any], where: str = ""):
     Returns the Config instance. Raises :class:`ConfigError` for an unknown learner name,
     an unknown option (with the closest match) or a value of the wrong type.
     """
-    from fewshot.learners import get_learner
-
     cls = get_learner(name)
     Cfg = cls.Config
     hints = _hints(Cfg)
@@ -313,8 +312,6 @@ def learner_options(name: str, options: Mapping[str, Any], where: str = ""):
 def _validate_amp(cfg: RunConfig) -> None:
     """Autocast only for learners that declare it safe (no second-order or fine-tuned
     gradients); fp16 on a CPU-only config is refused here, on a CPU-only machine by the trainer."""
-    from fewshot.learners import get_learner  # learners import torch: not at `import fewshot.config`
-
     t = cfg.train
     if t.amp != "off" and not getattr(get_learner(cfg.learner.name), "supports_autocast", False):
         raise ConfigError(f"train.amp = {t.amp!r}: learner '{cfg.learner.name}' does not "
@@ -412,8 +409,6 @@ def _link_learner_task(out: RunConfig, train_raw: Mapping[str, Any], lraw: Dict[
     """Keep the learner's own ``ways`` / ``meta_batch`` options (e.g. MAML's N-way head) and
     [train] consistent: a value given on one side only is copied to the other; two
     different explicit values are an error."""
-    from fewshot.learners import get_learner
-
     names = {f.name for f in fields(get_learner(out.learner.name).Config)}
     src = f" ({where})" if where else ""
     for key in ("ways", "meta_batch"):

@@ -267,10 +267,6 @@ class Trainer:
     def is_writer(self) -> bool:
         return self.rank == 0
 
-    @property
-    def is_writer(self) -> bool:
-        return self.rank == 0
-
     # ------------------------------------------------------------------ set-up
     def _set_up(self) -> None:
         """Device, stores, feasibility checks, the learner (seeded), sampler, val episodes."""

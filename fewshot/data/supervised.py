@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from fewshot.errors import ConfigError
+from fewshot.data import transforms as T
 from fewshot.data.episodes import episode_seed
 
 
@@ -74,8 +75,6 @@ class _Converter:
     """Gather rows of a store and turn them into normalised float batches."""
 
     def __init__(self, store, augment, channels_last: bool = False, stats=None):
-        from fewshot.data import transforms as T
-
         self.store = store
         h, _, c = store.image_shape
         self.normalize, self.train_augment = T.resolve(augment, image_size=h)
@@ -97,8 +96,6 @@ class _Converter:
         return torch.from_numpy(np.ascontiguousarray(self.store.read(rows.numpy())))
 
     def __call__(self, rows: Tensor, train: bool, generator=None) -> Tensor:
-        from fewshot.data import transforms as T
-
         x = self.gather(rows).permute(0, 3, 1, 2)
         return T.convert(x, self.scale, self.shift, normalize=self.normalize,
                          augment=self.train_augment if train else None, generator=generator,

@@ -23,7 +23,9 @@ from typing import Any, ClassVar, Dict, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from fewshot.errors import ConfigError, TrainingError
+from fewshot.distributed import all_reduce_mean_grads
+from fewshot.errors import CheckpointError, ConfigError, TrainingError
+from fewshot.nn import build_backbone
 
 
 @dataclass
@@ -117,8 +119,6 @@ class Learner(nn.Module, metaclass=_LearnerMeta):
         """
         if self._given_backbone is not None:
             return self._given_backbone
-        from fewshot.nn import build_backbone
-
         options = {**self.config.backbone_options, **overrides}
         return build_backbone(self.config.backbone, in_channels=self.in_channels,
                               image_size=self.image_size, **options)
@@ -143,8 +143,6 @@ class Learner(nn.Module, metaclass=_LearnerMeta):
         if params is None:
             params = [p for g in opt.param_groups for p in g["params"]]
         params = list(params)
-        from fewshot.distributed import all_reduce_mean_grads
-
         all_reduce_mean_grads(params)
         if clip_norm > 0:
             for group in (clip_groups if clip_groups is not None else [params]):
@@ -184,8 +182,6 @@ class Learner(nn.Module, metaclass=_LearnerMeta):
         }
 
     def load_state_dict(self, state, strict: bool = True):  # type: ignore[override]
-        from fewshot.errors import CheckpointError
-
         if not isinstance(state, dict) or "modules" not in state:
             raise CheckpointError("checkpoint has no learner state ('modules' missing); "
                                   "was it written by fewshot?")

@@ -37,6 +37,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from fewshot.data.store import write_store
 from fewshot.errors import ConfigError
 
 #: the dataset name used by ``fewshot data prepare glyphs``
@@ -231,8 +232,6 @@ def prepare(root: Path, seed: int = 0, *, splits=SPLITS, per_class: int = PER_CL
     store is written atomically by :func:`fewshot.data.store.write_store`.
     ``from_path`` must be None: glyphs need no input files.
     """
-    from fewshot.data.store import write_store
-
     if from_path is not None:
         raise ConfigError("glyphs are generated, they read no files: drop --from "
                           f"'{from_path}' (use `fewshot data prepare glyphs`)")
