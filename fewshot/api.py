@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from fewshot.config import RunConfig
 from fewshot.errors import ConfigError
-from fewshot.evaluation import embed, embedding_fn, evaluate_run
+from fewshot.embedding import embed, embedding_fn
+from fewshot.evaluation import evaluate_run
 from fewshot.report import Comparison, GridResult, compare_runs
 from fewshot.run import Run, open_run
 from fewshot.trainer import Trainer

@@ -366,7 +366,7 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_embed(args) -> int:
-    from fewshot.evaluation import embed
+    from fewshot.embedding import embed
 
     path, method = embed(args.run_dir, ways=args.ways, shots=args.shots, queries=args.queries,
                          episode=args.episode, split=args.split, method=args.method,

@@ -40,12 +40,12 @@ from fewshot.data.supervised import SupervisedAdapter
 from fewshot.errors import ConfigError
 from fewshot.learners.standard import topk_correct
 from fewshot.report import CellResult, GridResult, mean_ci, write_results
-from fewshot.run import Run, open_run, resolve_device
+from fewshot.run import Run, resolve_device
 
 __all__ = ["check_grid", "grid_cells", "episode_fingerprint", "shard_indices",
            "gather_accuracies", "evaluate_episodes", "evaluate_grid", "bn_probe",
            "evaluate_run", "evaluate_supervised", "supervised_topk_correct",
-           "validation_accuracy", "validation_accuracy_supervised", "embedding_fn", "embed"]
+           "validation_accuracy", "validation_accuracy_supervised"]
 
 
 def grid_cells(ways: Sequence[int], shots: Sequence[int]) -> List[Tuple[int, int]]:
@@ -393,49 +393,3 @@ def validation_accuracy_supervised(learner, val_store, train_store, batch_size: 
                                       stats=(train_store.mean, train_store.std), ks=(1,))[1]
     m, _, ci = mean_ci(correct)
     return m, ci
-
-
-# ------------------------------------------------------------------- embeddings
-def embedding_fn(learner):
-    """The learner's embedding f(x) -> (B, D): ``learner.embed``, else its ``encoder`` /
-    ``backbone`` / ``features`` module; a learner with none of them cannot be drawn."""
-    fn = getattr(learner, "embed", None)
-    if callable(fn):
-        return fn
-    for attr in ("encoder", "backbone", "features", "feature_extractor"):
-        mod = getattr(learner, attr, None)
-        if mod is not None and callable(mod):
-            return mod
-    raise ConfigError(f"learner '{getattr(learner, 'name', '?')}' exposes no embedding (no .embed() "
-                      f"method and no encoder/backbone module); `fewshot embed` cannot draw it")
-
-
-def embed(run, *, ways: int = 5, shots: int = 5, queries: int = 15, episode: int = 0,
-          split: Optional[str] = None, method: str = "auto", checkpoint: str = "best", out=None,
-          device="cpu"):
-    """``fewshot embed``: draw support (stars) and query (dots) embeddings of one fixed test
-    episode in 2-D (t-SNE if scikit-learn is installed, else PCA). Returns (path, method)."""
-    from fewshot.plots import plot_embedding  # matplotlib is optional
-
-    run = run if isinstance(run, Run) else open_run(run)
-    cfg = run.config
-    split = split or cfg.eval_split()
-    if episode < 0:
-        raise ConfigError(f"--episode must be >= 0, got {episode}")
-    store = open_split(cfg.data.dataset, split, cfg.data.root, cfg.data.in_memory)
-    try:
-        check_grid(store, [ways], [shots], queries, what=f"embed episode on split '{split}'")
-        learner, step, which = run.load_learner(checkpoint, device=device)
-        ep = fixed_episodes(store, ways, shots, queries, episode + 1, cfg.eval.seed)[episode].to(device)
-    finally:
-        store.close()
-    f = embedding_fn(learner)
-    learner.eval()
-    with torch.no_grad():
-        zs = f(ep.support_x).reshape(ep.support_x.shape[0], -1).float().cpu()
-        zq = f(ep.query_x).reshape(ep.query_x.shape[0], -1).float().cpu()
-    path = Path(out) if out else Path(run.run_dir) / "plots" / "embedding.png"
-    title = (f"{cfg.learner.name} ({which}, step {step}): {ways}-way {shots}-shot episode {episode} "
-             f"of {cfg.data.dataset}/{split}")
-    return plot_embedding(zs.numpy(), ep.support_y.cpu().numpy(), zq.numpy(), ep.query_y.cpu().numpy(),
-                          path, title=title, method=method, seed=cfg.eval.seed)
