@@ -15,6 +15,9 @@
 Every :class:`~fewshot.errors.FewShotError` is printed as one line on stderr and the exit
 status is 2; ``--debug`` (before the command) shows the traceback instead. An interrupted
 ``train`` (Ctrl-C / SIGTERM) writes its checkpoint and exits with 130 / 143.
+
+Each command imports what it runs inside its function, so that ``fewshot --help`` and
+``fewshot data info`` start without loading torch and every learner.
 """
 from __future__ import annotations
 
@@ -60,23 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     sub.required = True
-
-    d = sub.add_parser("data", help="prepare, inspect, verify or download datasets")
-    dsub = d.add_subparsers(dest="data_command", parser_class=_Parser, metavar="ACTION")
-    dsub.required = True
-    for name, hlp in (("prepare", "convert a dataset into HDF5 stores"),
-                      ("info", "classes, images per class, image size and splits"),
-                      ("verify", "check shapes, dtypes, labels, counts and checksums"),
-                      ("download", "download with the maintained downloaders, then convert")):
-        a = dsub.add_parser(name, help=hlp)
-        a.add_argument("name", help="dataset name (glyphs, omniglot, mini-imagenet, ...)")
-        a.add_argument("--root", help="data root (default $FEWSHOT_DATA or ./datasets)")
-        if name in ("info", "verify"):
-            a.add_argument("--json", action="store_true", help="print the full JSON")
-        if name == "prepare":
-            a.add_argument("--from", dest="from_path", help="folder or file the user has")
-            a.add_argument("--opt", action="append", type=_kv, default=[], metavar="KEY=VALUE",
-                           help="converter option (repeatable), e.g. --opt split=vinyals")
+    _add_data_parser(sub)
 
     ls = sub.add_parser("learners", help="registered learners, papers and hyper-parameters")
     ls.add_argument("name", nargs="?", help="show one learner's options in full")
@@ -85,18 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", nargs="?", help="CONFIG.toml")
     c.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     c.add_argument("--explain", action="store_true", help="document every config key")
-
-    t = sub.add_parser("train", help="train a learner from a TOML config")
-    t.add_argument("config", nargs="?", help="CONFIG.toml")
-    t.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.episodes=500 (repeatable)")
-    t.add_argument("--out", help="run directory (default runs/<config name>)")
-    t.add_argument("--device", help="auto, cpu, cuda or cuda:N (= --set train.device=...)")
-    t.add_argument("--seed", type=int, help="training seed (= --set train.seed=N)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
-    t.add_argument("--force", action="store_true", help="replace an existing run directory")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--no-eval", action="store_true", help="skip the [eval] grid after training")
+    _add_train_parser(sub)
 
     e = sub.add_parser("eval", help="evaluate a run on an N-way K-shot grid of fixed episodes")
     e.add_argument("run_dir")
@@ -109,14 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", choices=["best", "last"], help="weights to evaluate")
     e.add_argument("--device", help="auto, cpu, cuda")
     e.add_argument("--quiet", action="store_true")
-
-    b = sub.add_parser("bench", help="several learners x seeds on the same episodes, one report")
-    b.add_argument("spec", help="SPEC.toml (e.g. benchmarks/quickstart.toml)")
-    b.add_argument("--quick", action="store_true", help="the spec's short CPU version")
-    b.add_argument("--out", help="output directory (default: the spec's out)")
-    b.add_argument("--force", action="store_true", help="retrain runs that exist")
-    b.add_argument("--device", help="auto, cpu, cuda")
-    b.add_argument("--quiet", action="store_true")
+    _add_bench_parser(sub)
 
     cp = sub.add_parser("compare", help="paired per-cell differences of two evaluated runs")
     cp.add_argument("run_a")
@@ -135,6 +104,52 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--checkpoint", choices=["best", "last"], default="best")
     em.add_argument("--out", help="PNG path (default RUN_DIR/plots/embedding.png)")
     return p
+
+
+def _add_data_parser(sub) -> None:
+    """``fewshot data prepare|info|verify|download``."""
+    d = sub.add_parser("data", help="prepare, inspect, verify or download datasets")
+    dsub = d.add_subparsers(dest="data_command", parser_class=_Parser, metavar="ACTION")
+    dsub.required = True
+    for name, hlp in (("prepare", "convert a dataset into HDF5 stores"),
+                      ("info", "classes, images per class, image size and splits"),
+                      ("verify", "check shapes, dtypes, labels, counts and checksums"),
+                      ("download", "download with the maintained downloaders, then convert")):
+        a = dsub.add_parser(name, help=hlp)
+        a.add_argument("name", help="dataset name (glyphs, omniglot, mini-imagenet, ...)")
+        a.add_argument("--root", help="data root (default $FEWSHOT_DATA or ./datasets)")
+        if name in ("info", "verify"):
+            a.add_argument("--json", action="store_true", help="print the full JSON")
+        if name == "prepare":
+            a.add_argument("--from", dest="from_path", help="folder or file the user has")
+            a.add_argument("--opt", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                           help="converter option (repeatable), e.g. --opt split=vinyals")
+
+
+def _add_train_parser(sub) -> None:
+    """``fewshot train``."""
+    t = sub.add_parser("train", help="train a learner from a TOML config")
+    t.add_argument("config", nargs="?", help="CONFIG.toml")
+    t.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.episodes=500 (repeatable)")
+    t.add_argument("--out", help="run directory (default runs/<config name>)")
+    t.add_argument("--device", help="auto, cpu, cuda or cuda:N (= --set train.device=...)")
+    t.add_argument("--seed", type=int, help="training seed (= --set train.seed=N)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    t.add_argument("--force", action="store_true", help="replace an existing run directory")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+    t.add_argument("--no-eval", action="store_true", help="skip the [eval] grid after training")
+
+
+def _add_bench_parser(sub) -> None:
+    """``fewshot bench``."""
+    b = sub.add_parser("bench", help="several learners x seeds on the same episodes, one report")
+    b.add_argument("spec", help="SPEC.toml (e.g. benchmarks/quickstart.toml)")
+    b.add_argument("--quick", action="store_true", help="the spec's short CPU version")
+    b.add_argument("--out", help="output directory (default: the spec's out)")
+    b.add_argument("--force", action="store_true", help="retrain runs that exist")
+    b.add_argument("--device", help="auto, cpu, cuda")
+    b.add_argument("--quiet", action="store_true")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -284,7 +299,7 @@ def _train_device(args) -> str:
 
 
 def _train(args) -> int:
-    from fewshot.train import Trainer
+    from fewshot.trainer import Trainer
 
     overrides = list(args.overrides)
     if args.device:
@@ -317,8 +332,8 @@ def _train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from fewshot.api import evaluate_run
-    from fewshot.train import open_run
+    from fewshot.evaluation import evaluate_run
+    from fewshot.run import open_run
 
     run = open_run(args.run_dir)
     grid = evaluate_run(run, ways=args.ways, shots=args.shots, queries=args.queries,
@@ -352,7 +367,7 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_embed(args) -> int:
-    from fewshot.api import embed
+    from fewshot.embedding import embed
 
     path, method = embed(args.run_dir, ways=args.ways, shots=args.shots, queries=args.queries,
                          episode=args.episode, split=args.split, method=args.method,
@@ -381,7 +396,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args._argv = argv
         return COMMANDS[args.command](args)
     except FewShotError as e:
-        from fewshot.train import Interrupted
+        from fewshot.trainer import Interrupted
 
         if isinstance(e, Interrupted):
             print(f"fewshot: {e}", file=sys.stderr)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import h5py
 import numpy as np
@@ -800,9 +800,3 @@ def open_split(dataset: str, split: str, root: Optional[PathLike] = None,
                         f"run `fewshot data prepare {dataset}{hint}` (see datasets/{dataset}/"
                         "README.md)")
     return ImageStore.open(path, in_memory=in_memory)
-
-
-def iter_blocks(n: int, size: int = BLOCK_IMAGES) -> Iterable[slice]:
-    """Slices ``[s, s+size)`` covering ``0..n``."""
-    for s in range(0, n, size):
-        yield slice(s, min(n, s + size))

@@ -44,6 +44,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from fewshot.errors import ConfigError
+from fewshot.data import transforms as T
 from fewshot.data.episodes import episode_seed
 
 
@@ -81,8 +82,6 @@ class _Converter:
     """Gather rows of a store and turn them into normalised float batches."""
 
     def __init__(self, store, augment, channels_last: bool = False, stats=None):
-        from fewshot.data import transforms as T
-
         self.store = store
         h, _, c = store.image_shape
         self.normalize, self.train_augment = T.resolve(augment, image_size=h)
@@ -104,8 +103,6 @@ class _Converter:
         return torch.from_numpy(np.ascontiguousarray(self.store.read(rows.numpy())))
 
     def __call__(self, rows: Tensor, train: bool, generator=None) -> Tensor:
-        from fewshot.data import transforms as T
-
         x = self.gather(rows).permute(0, 3, 1, 2)
         return T.convert(x, self.scale, self.shift, normalize=self.normalize,
                          augment=self.train_augment if train else None, generator=generator,
@@ -235,6 +232,29 @@ class SupervisedAdapter:
         if not self._epoch_set:
             self.epoch = epoch + 1
         self._epoch_set = False
+
+    def batches_from(self, start_step: int, on_epoch=None) -> Iterator[TaskPairBatch]:
+        """Minibatches from global step ``start_step`` on, epoch after epoch, without end.
+
+        ``on_epoch(epoch)`` is called at each epoch start (the trainer applies its learning-rate
+        milestones there). A resume inside an epoch continues with that epoch's batch
+        ``start_step % len(self)`` of the same permutation, so the run sees exactly the batches
+        of an uninterrupted one.
+        """
+        per_epoch = len(self)
+        epoch, skip = divmod(int(start_step), per_epoch)
+        while True:
+            if on_epoch is not None:
+                on_epoch(epoch)
+            self.set_epoch(epoch)
+            if skip:
+                perm = self.permutation(epoch)  # resumed inside the epoch: its batches skip, skip+1, ...
+                for b in range(skip, per_epoch):
+                    yield self.batch(epoch, b, perm).to(self.device)
+            else:
+                yield from self
+            skip = 0
+            epoch += 1
 
     def state_dict(self) -> Dict[str, Any]:
         return {"sampler": "SupervisedAdapter", "seed": self.seed, "epoch": self.epoch}

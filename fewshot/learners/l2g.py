@@ -60,10 +60,10 @@ from torch import Tensor, nn
 from fewshot.errors import ConfigError, DataError
 from fewshot.inner_loop import BN_POLICIES, InnerLoop
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
-from fewshot.learners.protonet import (check_episode, check_lr_halve_every, halve_lr_every,
-                                       prototypes, squared_euclidean_logits)
+from fewshot.learners.common import (check_episode, check_lr_halve_every, class_sums,
+                                     halve_lr_every, positive_float, positive_int, prototypes,
+                                     squared_euclidean_logits)
 from fewshot.learners.registry import register_learner
-from fewshot.learners.relationnet import class_sums
 
 __all__ = ["L2GConfig", "L2GRelationConfig", "L2GProtoNet", "L2GRelationNet", "MAMLProtoNet",
            "MAMLRelationNet", "ProtoNetScorer", "RelationNetScorer", "build_relation_scorer",
@@ -186,8 +186,7 @@ class L2GConfig(LearnerConfig):
         check_lr_halve_every(self.lr_halve_every)
         require(self.inner_lr > 0, f"learner option 'inner_lr' (α of L2G eq. 3) must be > 0, "
                                    f"got {self.inner_lr}")
-        require(isinstance(self.inner_steps, int) and self.inner_steps >= 1,
-                f"learner option 'inner_steps' must be an integer >= 1, got {self.inner_steps!r}")
+        positive_int(self.inner_steps, "inner_steps", 1)
         require(self.bn in BN_POLICIES, f"learner option 'bn' must be one of "
                                         f"{', '.join(BN_POLICIES)}, got {self.bn!r}")
         require(self.weight_decay >= 0, f"learner option 'weight_decay' must be >= 0, "
@@ -325,11 +324,8 @@ class L2GRelationConfig(L2GConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(isinstance(self.relation_hidden, int) and self.relation_hidden >= 1,
-                f"learner option 'relation_hidden' must be an integer >= 1, "
-                f"got {self.relation_hidden!r}")
-        require(isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0,
-                f"learner option 'grad_clip' must be >= 0 (0 = off), got {self.grad_clip!r}")
+        positive_int(self.relation_hidden, "relation_hidden", 1)
+        positive_float(self.grad_clip, "grad_clip", allow_zero=True, note="(0 = off)")
 
 
 _L2G_PAPER = ("Lee, Na, Lee & Hwang, 'Learning to Generalize to Unseen Tasks with Bilevel "

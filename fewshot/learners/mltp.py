@@ -234,6 +234,10 @@ class MLTP(SupervisedLearner):
         over B/2 images, the same as standard training's over B. (``train_step`` goes one
         step further: it back-propagates η L_j only and adds g_i to ``.grad``, which saves
         two passes over the weights; ``_fo_grads`` returns g_i for that.)
+
+        Longer than 60 lines on purpose: the first-order hooks are registered inside
+        ``loss_i``, removed in the ``finally`` around the inner step and read after it, so
+        the closure, the hooks and ``captured`` share one scope.
         """
         parts: Dict[str, object] = {}
         first_order = self.config.first_order

@@ -19,11 +19,6 @@ parameter: line 9 leaves the N-way head where it is and line 7/8 leaves the C-wa
 line 10 moves the N-way head by β times its meta update and the C-way head by (1 − β) times
 its transfer update, as the formula says.
 
-Distributed training: each side hands its update to an optimiser as a gradient (Reptile's
-pseudo-gradient −mean_i(θ_i − θ), MAML's meta-gradient, the transfer gradient), so
-:meth:`Learner.outer_step` averages it over ranks before the step; the combination is then
-the same on every rank.
-
 The k inner steps go through :class:`fewshot.inner_loop.InnerLoop`; ``loss_fn`` picks
 sub-batch t at step t. Sub-batches: with ``inner_batch`` = B (default 20, the authors'
 code), the examples are shuffled and cut into k batches of B, reshuffling whenever a pass
@@ -100,10 +95,9 @@ from torch import Tensor, nn
 from fewshot.errors import ConfigError, DataError
 from fewshot.inner_loop import BN_POLICIES, InnerLoop
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
-from fewshot.learners.maml import check_positive_int, eval_mode
-from fewshot.learners.protonet import check_batch, check_episode
+from fewshot.learners.common import (check_batch, check_episode, eval_mode, minibatch_indices,
+                                     minibatch_loss, positive_float, positive_int)
 from fewshot.learners.registry import register_learner
-from fewshot.learners.reptile import minibatch_indices, minibatch_loss
 
 __all__ = ["MTLNet", "MTLConfig", "MTLMAML", "MTLReptile", "sub_batches"]
 
@@ -254,18 +248,17 @@ class MTLConfig(LearnerConfig):
                 and 0.0 <= self.beta <= 1.0,
                 f"learner option 'beta' (β of MTL Algorithm 1, line 10: the meta-learner's "
                 f"weight) must lie in [0, 1], got {self.beta!r}")
-        check_positive_int(self.ways, "ways", 1)
-        check_positive_int(self.inner_steps, "inner_steps", 1)
-        check_positive_int(self.eval_steps, "eval_steps", 0)
-        check_positive_int(self.anneal_steps, "anneal_steps", 0)
+        positive_int(self.ways, "ways", 1)
+        positive_int(self.inner_steps, "inner_steps", 1)
+        positive_int(self.eval_steps, "eval_steps", 0)
+        positive_int(self.anneal_steps, "anneal_steps", 0)
         for opt in ("inner_batch", "eval_batch"):
             v = getattr(self, opt)
             if v is not None:
-                check_positive_int(v, opt, 1)
+                positive_int(v, opt, 1)
         for opt in ("inner_lr", "transfer_lr", "eval_lr"):
             v = getattr(self, opt)
-            require(isinstance(v, (int, float)) and v > 0,
-                    f"learner option '{opt}' must be > 0, got {v!r}")
+            positive_float(v, opt)
         for opt in ("meta_optimizer", "inner_optimizer", "transfer_optimizer"):
             require(getattr(self, opt) in ("sgd", "adam"),
                     f"learner option '{opt}' must be 'sgd' or 'adam', got {getattr(self, opt)!r}")

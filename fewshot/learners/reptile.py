@@ -29,50 +29,19 @@ the paper's reported results (``--transductive``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fewshot.inner_loop import BN_POLICIES, InnerLoop
-from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
-from fewshot.learners.maml import HeadNet, check_positive_int, eval_mode
-from fewshot.learners.protonet import check_batch, check_episode
+from fewshot.learners.base import Learner, LearnerConfig, require
+from fewshot.learners.common import (HeadNet, check_batch, check_episode, choice, eval_mode,
+                                     fraction, minibatch_indices, minibatch_loss,
+                                     positive_float, positive_int)
 from fewshot.learners.registry import register_learner
 
-__all__ = ["Reptile", "minibatch_indices", "minibatch_loss"]
-
-
-def minibatch_indices(n: int, batch: Optional[int], steps: int, generator: torch.Generator) -> List[Tensor]:
-    """Row indices of the ``steps`` inner mini-batches over ``n`` examples.
-
-    As Reptile's ``_mini_batches``: the examples are shuffled, consumed ``batch`` at a time,
-    and reshuffled when exhausted (a batch may span two shuffles). ``batch=None`` or
-    ``batch >= n`` uses all examples at every step (in their original order).
-    """
-    if batch is None or batch >= n:
-        full = torch.arange(n)
-        return [full] * steps
-    need = steps * batch
-    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-need // n))])
-    return [order[t * batch:(t + 1) * batch] for t in range(steps)]
-
-
-def minibatch_loss(x: Tensor, y: Tensor, batches: List[Tensor], last: Dict[str, Tensor]):
-    """Inner-loop loss ``loss_fn(net)`` for :meth:`InnerLoop.adapt`: step t's cross-entropy
-    on the rows ``batches[t]`` of (x, y). ``last`` receives the detached ``loss`` and
-    ``acc`` of the latest step's mini-batch (before its update), so the training metrics
-    need no extra forward pass."""
-
-    def loss_fn(net):
-        rows = batches[net.step]
-        logits = net(x[rows])
-        loss = F.cross_entropy(logits, y[rows])
-        last["loss"], last["acc"] = loss.detach(), accuracy(logits.detach(), y[rows])
-        return loss
-
-    return loss_fn
+__all__ = ["Reptile"]
 
 
 @register_learner("reptile")
@@ -126,27 +95,20 @@ class Reptile(Learner):
 
         def validate(self) -> None:
             super().validate()
-            check_positive_int(self.ways, "ways", 1)
-            check_positive_int(self.inner_steps, "inner_steps", 1)
-            check_positive_int(self.eval_steps, "eval_steps", 0)
-            check_positive_int(self.meta_iters, "meta_iters", 1)
-            check_positive_int(self.meta_batch, "meta_batch", 1)
-            check_positive_int(self.seed, "seed", 0)
+            positive_int(self.ways, "ways", 1)
+            positive_int(self.inner_steps, "inner_steps", 1)
+            positive_int(self.eval_steps, "eval_steps", 0)
+            positive_int(self.meta_iters, "meta_iters", 1)
+            positive_int(self.meta_batch, "meta_batch", 1)
+            positive_int(self.seed, "seed", 0)
             for opt in ("inner_batch", "eval_batch"):
                 if getattr(self, opt) is not None:
-                    check_positive_int(getattr(self, opt), opt, 1)
-            require(self.inner_optimizer in ("adam", "sgd"), "learner option 'inner_optimizer' "
-                    f"must be 'adam' or 'sgd', got {self.inner_optimizer!r}")
-            require(isinstance(self.adam_beta1, (int, float)) and 0 <= self.adam_beta1 < 1,
-                    f"learner option 'adam_beta1' must lie in [0, 1), got {self.adam_beta1!r}")
-            require(isinstance(self.meta_step_size, (int, float)) and self.meta_step_size > 0,
-                    f"learner option 'meta_step_size' must be > 0, got {self.meta_step_size!r}")
-            require(isinstance(self.meta_step_size_final, (int, float))
-                    and self.meta_step_size_final >= 0,
-                    f"learner option 'meta_step_size_final' must be >= 0, got "
-                    f"{self.meta_step_size_final!r}")
-            require(self.bn in BN_POLICIES, f"learner option 'bn' must be one of "
-                    f"{', '.join(BN_POLICIES)}, got {self.bn!r}")
+                    positive_int(getattr(self, opt), opt, 1)
+            choice(self.inner_optimizer, "inner_optimizer", ("adam", "sgd"))
+            fraction(self.adam_beta1, "adam_beta1")
+            positive_float(self.meta_step_size, "meta_step_size")
+            positive_float(self.meta_step_size_final, "meta_step_size_final", allow_zero=True)
+            choice(self.bn, "bn", BN_POLICIES)
             require(self.bn == "transductive", f"learner option bn={self.bn!r} does not fit "
                     "Reptile: its update has no forward after the inner steps, so running or "
                     "per-step statistics for testing are never learned; use 'transductive'")

@@ -34,9 +34,9 @@ from torch import Tensor, nn
 
 from fewshot.errors import ConfigError
 from fewshot.inner_loop import InnerLoop
-from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
-from fewshot.learners.maml import HeadNet, check_positive_int, eval_mode
-from fewshot.learners.protonet import check_batch, check_episode
+from fewshot.learners.base import Learner, LearnerConfig, accuracy
+from fewshot.learners.common import (HeadNet, boolean, check_batch, check_episode, eval_mode,
+                                     positive_float, positive_int)
 from fewshot.learners.registry import register_learner
 
 __all__ = ["Transfer"]
@@ -73,11 +73,9 @@ class Transfer(Learner):
 
         def validate(self) -> None:
             super().validate()
-            check_positive_int(self.finetune_steps, "finetune_steps", 0)
-            require(isinstance(self.finetune_lr, (int, float)) and self.finetune_lr > 0,
-                    f"learner option 'finetune_lr' must be > 0, got {self.finetune_lr!r}")
-            require(isinstance(self.finetune_body, bool), "learner option 'finetune_body' must "
-                    f"be true or false, got {self.finetune_body!r}")
+            positive_int(self.finetune_steps, "finetune_steps", 0)
+            positive_float(self.finetune_lr, "finetune_lr")
+            boolean(self.finetune_body, "finetune_body")
 
     def __init__(self, config=None, *, in_channels, image_size, num_classes=None, backbone=None):
         super().__init__(config, in_channels=in_channels, image_size=image_size,

@@ -229,8 +229,8 @@ def scenario_all(out: Path) -> None:
     local = episode_scores(learner, D.shard(eps, r, w))
     result["eval_local_n"] = len(local)
     result["eval"] = D.gather_per_episode(local, len(eps))
-    try:  # the runner's evaluation path (fewshot.evaluate) on the same shards
-        from fewshot.evaluate import evaluate_episodes, gather_accuracies, shard_indices
+    try:  # the runner's evaluation path (fewshot.evaluation) on the same shards
+        from fewshot.evaluation import evaluate_episodes, gather_accuracies, shard_indices
     except ImportError:
         result["eval_runner"] = None
     else:

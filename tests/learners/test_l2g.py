@@ -287,7 +287,7 @@ def test_paper_spec_learners_train_and_test_as_specified(table):
 def test_l2g_grid_larger_than_the_split_is_refused():
     """A 10-way grid on a split of 8 classes: ConfigError before any training (the runner's
     check of every grid, used for the L2G and MTL specs)."""
-    from fewshot.evaluate import check_grid
+    from fewshot.evaluation import check_grid
 
     class Store:
         dataset, split, num_classes = "glyphs", "test", 8

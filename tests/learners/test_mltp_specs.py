@@ -223,7 +223,7 @@ def test_spec_trains_end_to_end_on_official_format_fixture(tmp_path, file, label
     """The spec's own config (one learner, one epoch, small batches) through the trainer."""
     import torch
 
-    from fewshot.train import Trainer
+    from fewshot.trainer import Trainer
 
     spec = load_spec(BENCH / file)
     entry = next(e for e in spec.learners if e.label == label)

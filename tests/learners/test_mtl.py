@@ -315,7 +315,7 @@ def test_meta_transfer_spec_learners_do_what_their_labels_say():
 def test_any_way_evaluation_is_supported():
     """The evaluator asks ``supports_ways``: MTL fine-tunes a new head, so 35-way cells of a
     5-way-trained model are evaluated (not reported n/a)."""
-    from fewshot.evaluate import unsupported_reason
+    from fewshot.evaluation import unsupported_reason
 
     learner = _learner("mtl+maml", MLP())
     assert learner.config.ways == 3

@@ -7,7 +7,7 @@ from torch import nn
 
 from fewshot.errors import ConfigError, TrainingError
 from fewshot.learners import get_learner
-from fewshot.learners.reptile import minibatch_indices
+from fewshot.learners.common import minibatch_indices
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,23 +15,37 @@ Distributed evaluation: rank r of W evaluates episodes r, r+W, r+2W, ... and the
 per-episode accuracies are gathered back into episode order (:func:`gather_accuracies`),
 so the table is identical to a single process's. Without torch.distributed, (rank, world)
 is (0, 1).
+
+A run (:func:`evaluate_run`): episodic learners on the grid above; supervised learners by
+top-1 and top-k accuracy over every image of the split (:func:`evaluate_supervised`).
+Imports: run, report, config, data, learners, distributed, plots, errors (never the trainer
+or the API).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fewshot.errors import ConfigError, DataError
-from fewshot.report import CellResult, GridResult
+from fewshot import distributed
+from fewshot.data.episodes import fixed_episodes
+from fewshot.data.store import open_split
+from fewshot.data.supervised import SupervisedAdapter
+from fewshot.errors import ConfigError
+from fewshot.learners.standard import topk_correct
+from fewshot.report import CellResult, GridResult, mean_ci, write_results
+from fewshot.run import Run, resolve_device
 
 __all__ = ["check_grid", "grid_cells", "episode_fingerprint", "shard_indices",
-           "gather_accuracies", "evaluate_episodes", "evaluate_grid", "bn_probe"]
+           "gather_accuracies", "evaluate_episodes", "evaluate_grid", "bn_probe",
+           "evaluate_run", "evaluate_supervised", "supervised_topk_correct",
+           "validation_accuracy", "validation_accuracy_supervised"]
 
 
 def grid_cells(ways: Sequence[int], shots: Sequence[int]) -> List[Tuple[int, int]]:
@@ -107,7 +121,7 @@ def gather_accuracies(local: Sequence[float], n: int, rank: int = 0, world: int 
     if world == 1:
         return [float(a) for a in local]
     if all_gather is None:
-        from fewshot.distributed import all_gather_object as all_gather
+        all_gather = distributed.all_gather_object
     parts = all_gather([float(a) for a in local])
     acc = [float("nan")] * n
     for r, part in enumerate(parts):
@@ -205,8 +219,6 @@ def evaluate_grid(learner, store, *, ways: Sequence[int], shots: Sequence[int], 
     Each cell uses ``fixed_episodes(store, ways, shots, queries, episodes, seed)``.
     ``rank``/``world`` shard the episodes (see :func:`gather_accuracies`).
     """
-    from fewshot.data.episodes import fixed_episodes
-
     check_grid(store, ways, shots, queries)
     cells = grid_cells(ways, shots)
     bar = None
@@ -214,7 +226,8 @@ def evaluate_grid(learner, store, *, ways: Sequence[int], shots: Sequence[int], 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(cells) * len(shard_indices(episodes, rank, world)), unit="ep",
-                   desc="eval", dynamic_ncols=True, leave=False)
+                   desc="eval", dynamic_ncols=True, leave=False,
+                   disable=None)  # None: no bar when stderr is not a terminal
     results, transductive, skipped = [], False, {}
     try:
         for w, s in cells:
@@ -246,3 +259,137 @@ def evaluate_grid(learner, store, *, ways: Sequence[int], shots: Sequence[int], 
                       checkpoint=checkpoint, step=step, transductive_bn=transductive,
                       fine_tunes=bool(getattr(learner, "fine_tunes_at_test", False)),
                       extra={"skipped": skipped} if skipped else {})
+
+
+# ------------------------------------------------------------- evaluation of a run
+def evaluate_run(run: Run, *, ways: Optional[Sequence[int]] = None, shots: Optional[Sequence[int]] = None,
+                 queries: Optional[int] = None, episodes: Optional[int] = None,
+                 split: Optional[str] = None, seed: Optional[int] = None,
+                 checkpoint: Optional[str] = None, device=None, quiet: bool = True,
+                 learner=None, write: bool = True, rank: int = 0, world: int = 1) -> GridResult:
+    """Evaluate a run's weights on the grid (arguments default to the run's [eval] table).
+
+    ``learner`` given (the trainer's, at the end of training) is used as is only when
+    ``checkpoint`` is "last"; otherwise the chosen checkpoint is loaded. Results go to
+    ``results.{json,csv,md}`` and ``plots/grid.png`` in the run directory when ``write``.
+    """
+    cfg, e = run.config, run.config.eval
+    ways = list(ways) if ways is not None else list(e.ways)
+    shots = list(shots) if shots is not None else list(e.shots)
+    queries = queries if queries is not None else e.queries
+    episodes = episodes if episodes is not None else e.episodes
+    split = split or cfg.eval_split()
+    seed = e.seed if seed is None else seed
+    checkpoint = checkpoint or e.checkpoint
+    if checkpoint not in ("best", "last"):
+        raise ConfigError(f"--checkpoint must be best or last, got {checkpoint!r}")
+    dev = resolve_device(str(device) if device is not None else cfg.train.device)
+    store = open_split(cfg.data.dataset, split, cfg.data.root, cfg.data.in_memory)
+    kind = run.state.get("input_kind", "episodes")
+    try:
+        if kind != "supervised":
+            check_grid(store, ways, shots, queries, what=f"eval grid on split '{split}'")
+        if learner is None or checkpoint != "last":
+            learner, step, which = run.load_learner(checkpoint, device=dev)
+        else:
+            step, which = run.step, "last"
+        label = f"{which} (step {step})"
+        if kind == "supervised":
+            grid = evaluate_supervised(learner, store, cfg, dev, split, label, step)
+        else:
+            grid = evaluate_grid(learner, store, ways=ways, shots=shots, queries=queries,
+                                 episodes=episodes, seed=seed, device=dev, quiet=quiet,
+                                 dataset=cfg.data.dataset, split=split, checkpoint=label, step=step,
+                                 rank=rank, world=world)
+    finally:
+        store.close()
+    grid.run_dir, grid.learner = str(run.run_dir), cfg.learner.name
+    if write and rank == 0:
+        _write_grid(grid, run.run_dir)
+    run.results = grid
+    return grid
+
+
+def _write_grid(grid: GridResult, run_dir) -> None:
+    """results.{json,csv,md} and, when matplotlib is installed, plots/grid.png."""
+    write_results(grid, run_dir)
+    try:
+        from fewshot.plots import plot_grid  # matplotlib is optional
+
+        plot_grid(grid, Path(run_dir) / "plots" / "grid.png")
+    except ImportError:
+        pass
+
+
+def evaluate_supervised(learner, store, cfg, device, split, label, step) -> GridResult:
+    """Top-1 and top-k accuracy (k = min(5, classes)) over every image of ``split`` as one cell
+    (ways = classes, shots 0): per-image top-1 0/1 correctness in ``accuracies``, per-image
+    top-k in ``metrics["top-k"]``; each summarised as mean ± 1.96·std/√n over images."""
+    train = open_split(cfg.data.dataset, cfg.data.train_split, cfg.data.root, in_memory=False)
+    try:
+        same = train.class_names == store.class_names
+        stats = (train.mean, train.std)  # test images normalised by the training set's statistics
+    finally:
+        train.close()
+    if not same:
+        raise ConfigError(f"supervised learner '{cfg.learner.name}' classifies the classes of split "
+                          f"'{cfg.data.train_split}'; split '{split}' holds other classes: evaluate "
+                          f"on a split of the same classes (e.g. --split test of a CIFAR store)")
+    k = min(5, int(store.num_classes))
+    correct = supervised_topk_correct(learner, store, cfg.train.batch_size, device, cfg.data.augment,
+                                      stats=stats, ks=(1, k))
+    cell = CellResult(ways=int(store.num_classes), shots=0, queries=0, seed=0, accuracies=correct[1],
+                      fingerprint=f"{getattr(store, 'checksum', '') or ''}"[:16],
+                      metrics={f"top-{k}": correct[k]} if k > 1 else {})
+    return GridResult(learner=cfg.learner.name, dataset=cfg.data.dataset, split=split, cells=[cell],
+                      checkpoint=label, step=step, transductive_bn=False,
+                      fine_tunes=bool(getattr(learner, "fine_tunes_at_test", False)),
+                      extra={"kind": f"supervised top-1 and top-{k} accuracy over all images"})
+
+
+def supervised_topk_correct(learner, store, batch_size: int, device, augment=None, stats=None,
+                            ks: Sequence[int] = (1, 5)) -> Dict[int, List[float]]:
+    """Per-image top-k correctness, k in ``ks``: 1.0 where the label is among the k largest
+    logits of ``learner.predict_batch`` (k capped at the number of classes, so top-5 of a
+    3-class problem is 1 everywhere), for every image of ``store``, normalised as the training
+    preset ``augment`` does at test time, with the training set's ``stats`` = (mean, std)
+    where the preset uses dataset statistics. Per image, each k's value is
+    :func:`~fewshot.learners.standard.topk_correct` of that image's row."""
+    ks = tuple(int(k) for k in ks)
+    was = learner.training
+    learner.eval()
+    out: Dict[int, List[float]] = {k: [] for k in ks}
+    try:
+        with torch.no_grad():
+            for x, y in SupervisedAdapter.eval_batches(store, batch_size, device=device,
+                                                       augment=augment, stats=stats):
+                logits = learner.predict_batch(x.to(device)).float().cpu()
+                y = y.cpu()
+                for i in range(logits.shape[0]):
+                    hits = topk_correct(logits[i:i + 1], y[i:i + 1], ks)
+                    for k in ks:
+                        out[k].append(float(hits[k]))
+    finally:
+        learner.train(was)
+    return out
+
+
+def validation_accuracy(learner, val_eps, n: int, *, device, rank: int = 0,
+                        world: int = 1) -> Tuple[float, float]:
+    """(mean, 95% CI) of the accuracy on the ``n`` fixed validation episodes ``val_eps``,
+    sharded over ranks and gathered back (every rank gets the same numbers)."""
+    local, _ = evaluate_episodes(learner, val_eps, shard_indices(n, rank, world), device=device)
+    m, _, ci = mean_ci(gather_accuracies(local, n, rank, world))
+    return m, ci
+
+
+def validation_accuracy_supervised(learner, val_store, train_store, batch_size: int, device,
+                                   augment=None) -> Optional[Tuple[float, float]]:
+    """(mean, 95% CI) top-1 accuracy over every image of ``val_store``; None when the val split
+    holds other classes than the training split (a classifier knows only its own classes)."""
+    if val_store.class_names != train_store.class_names:
+        return None
+    correct = supervised_topk_correct(learner, val_store, batch_size, device, augment,
+                                      stats=(train_store.mean, train_store.std), ks=(1,))[1]
+    m, _, ci = mean_ci(correct)
+    return m, ci
