@@ -101,6 +101,21 @@ def select_parameters(model: nn.Module, adapt: Selector) -> List[bool]:
                       f"or a callable, got {adapt!r}")
 
 
+def _check_options(steps, bn: str, optimizer: str, lr_per: str, lr_init_std: float) -> None:
+    """ConfigError naming the inner-loop option that is out of range."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ConfigError(f"inner loop option 'steps' must be an integer >= 0, got {steps!r}")
+    if bn not in BN_POLICIES:
+        raise ConfigError(f"inner loop option 'bn' must be one of {', '.join(BN_POLICIES)}, "
+                          f"got {bn!r}")
+    if optimizer not in ("sgd", "adam"):
+        raise ConfigError(f"inner loop option 'optimizer' must be 'sgd' or 'adam', got {optimizer!r}")
+    if lr_per not in ("tensor", "layer"):
+        raise ConfigError(f"inner loop option 'lr_per' must be 'tensor' or 'layer', got {lr_per!r}")
+    if lr_init_std < 0:
+        raise ConfigError(f"inner loop option 'lr_init_std' must be >= 0, got {lr_init_std}")
+
+
 class Adapted:
     """A network at given weights: ``net(x)`` runs the model functionally with ``params``.
 
@@ -121,10 +136,6 @@ class Adapted:
 
     def named_params(self) -> Dict[str, Tensor]:
         return dict(zip(self._loop.param_names, self.params))
-
-    def adapted_params(self) -> Dict[str, Tensor]:
-        """Only the tensors the loop adapts, by name."""
-        return {n: self.params[i] for i, n in zip(self._loop._adapted_idx, self._loop.adapted_names)}
 
 
 @dataclass
@@ -163,17 +174,7 @@ class InnerLoop(nn.Module):
                  lr_init_std: float = 0.0, adam_betas: Sequence[float] = (0.0, 0.999),
                  adam_eps: float = 1e-8, generator: Optional[torch.Generator] = None):
         super().__init__()
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-            raise ConfigError(f"inner loop option 'steps' must be an integer >= 0, got {steps!r}")
-        if bn not in BN_POLICIES:
-            raise ConfigError(f"inner loop option 'bn' must be one of {', '.join(BN_POLICIES)}, "
-                              f"got {bn!r}")
-        if optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"inner loop option 'optimizer' must be 'sgd' or 'adam', got {optimizer!r}")
-        if lr_per not in ("tensor", "layer"):
-            raise ConfigError(f"inner loop option 'lr_per' must be 'tensor' or 'layer', got {lr_per!r}")
-        if lr_init_std < 0:
-            raise ConfigError(f"inner loop option 'lr_init_std' must be >= 0, got {lr_init_std}")
+        _check_options(steps, bn, optimizer, lr_per, lr_init_std)
         object.__setattr__(self, "_model", model)
         self.steps = steps
         self.first_order = bool(first_order)
@@ -182,9 +183,19 @@ class InnerLoop(nn.Module):
         self.adam_betas = tuple(float(b) for b in adam_betas)
         self.adam_eps = float(adam_eps)
         self.lr_per = lr_per
+        self.param_names = [n for n, _ in model.named_parameters()]
+        self._select(model, adapt, lr_per)
+        init = self._initial_alpha(model, lr, lr_init_std, generator)
+        if learn_lr:
+            self.alpha = nn.Parameter(init)
+        else:
+            self.register_buffer("alpha", init)
+        self._init_bn(model, bn, steps)
+        object.__setattr__(self, "_fmodel", None)
+        object.__setattr__(self, "_pairs", None)
 
-        named = list(model.named_parameters())
-        self.param_names = [n for n, _ in named]
+    def _select(self, model: nn.Module, adapt: Selector, lr_per: str) -> None:
+        """The adapted tensors (indices, names) and their step-size groups."""
         mask = select_parameters(model, adapt)
         self._adapted_idx = [i for i, m in enumerate(mask) if m]
         self.adapted_names = [self.param_names[i] for i in self._adapted_idx]
@@ -197,7 +208,6 @@ class InnerLoop(nn.Module):
                 f"inner loop option adapt={adapt!r} selects no parameter of "
                 f"{type(model).__name__} (it has {kinds['conv']} conv and {kinds['fc']} fully-"
                 f"connected layers); choose another variant or network")
-
         owners = _owner_modules(model)
         group_of_name: Dict[str, str] = {}
         for n in self.adapted_names:
@@ -206,6 +216,10 @@ class InnerLoop(nn.Module):
         gindex = {g: k for k, g in enumerate(self.group_names)}
         self._group_idx = [gindex[group_of_name[n]] for n in self.adapted_names]
 
+    def _initial_alpha(self, model: nn.Module, lr, lr_init_std: float,
+                       generator: Optional[torch.Generator]) -> Tensor:
+        """α's initial values, one per group: ``lr`` (+ ``lr_init_std`` · N(0, 1))."""
+        named = list(model.named_parameters())
         dtype = named[0][1].dtype if named and named[0][1].is_floating_point() else torch.float32
         if isinstance(lr, Mapping):
             unknown = set(lr) - set(self.group_names)
@@ -218,14 +232,13 @@ class InnerLoop(nn.Module):
         if lr_init_std > 0:
             init = init + lr_init_std * torch.randn(len(self.group_names), generator=generator,
                                                     dtype=torch.float64)
-        init = init.to(dtype=dtype, device=named[0][1].device if named else None)
-        if learn_lr:
-            self.alpha = nn.Parameter(init)
-        else:
-            self.register_buffer("alpha", init)
+        return init.to(dtype=dtype, device=named[0][1].device if named else None)
 
-        # BatchNorm bookkeeping; per-step statistics live here so they are checkpointed.
+    def _init_bn(self, model: nn.Module, bn: str, steps: int) -> None:
+        """BatchNorm bookkeeping; per-step statistics live here so they are checkpointed."""
         self._bn_names = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+        index = {n: i for i, n in enumerate(self.param_names)}
+        self._bn_param_idx = [(index.get(f"{n}.weight"), index.get(f"{n}.bias")) for n in self._bn_names]
         if bn == "per_step":
             for k, n in enumerate(self._bn_names):
                 m = model.get_submodule(n)
@@ -234,8 +247,6 @@ class InnerLoop(nn.Module):
                                       f"and a momentum; '{n}' has neither")
                 self.register_buffer(f"bn_mean_{k}", m.running_mean.detach().clone().repeat(steps + 1, 1))
                 self.register_buffer(f"bn_var_{k}", m.running_var.detach().clone().repeat(steps + 1, 1))
-        object.__setattr__(self, "_fmodel", None)
-        object.__setattr__(self, "_pairs", None)
 
     # ------------------------------------------------------------------ public
     @property
