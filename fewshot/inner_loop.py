@@ -518,7 +518,12 @@ class InnerLoop(nn.Module):
         m_state[k], v_state[k] = m, v
         m_hat = m / (1 - b1 ** t)
         v_hat = v / (1 - b2 ** t)
-        return m_hat / (v_hat.sqrt() + self.adam_eps)
+        # √v̂ with derivative 0 where v̂ = 0 (an exactly zero gradient entry): the plain sqrt's
+        # infinite derivative there made second-order meta-gradients NaN (0 · ∞); the direction
+        # m̂/(√v̂ + ε) and its true derivative (1/ε at g = 0, through m̂) are unchanged
+        positive = v_hat > 0
+        root = torch.where(positive, torch.where(positive, v_hat, 1.0).sqrt(), 0.0)
+        return m_hat / (root + self.adam_eps)
 
     def _patched(self):
         if self._fmodel is None:
