@@ -90,7 +90,7 @@ def prototypes(embeddings: Tensor, labels: Tensor, ways: int) -> Tensor:
 
     Works for any number of shots per class (variable-shot episodes).
     """
-    onehot = F.one_hot(labels, ways).to(embeddings.dtype)  # (S, N)
+    onehot = (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(embeddings.dtype)  # (S, N); vmap-safe one-hot
     sums = onehot.t() @ embeddings  # (N, D)
     counts = onehot.sum(0).clamp_min(1).unsqueeze(1)
     return sums / counts

@@ -45,7 +45,7 @@ __all__ = ["RelationNet", "class_sums"]
 
 def class_sums(maps: Tensor, labels: Tensor, ways: int) -> Tensor:
     """ρ_c = Σ_{x ∈ S_c} f_θ(x) (L2G eq. 9): (S, C, h, w) maps -> (ways, C, h, w)."""
-    onehot = F.one_hot(labels, ways).to(maps.dtype)  # (S, N)
+    onehot = (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(maps.dtype)  # (S, N); vmap-safe one-hot
     return (onehot.t() @ maps.reshape(maps.shape[0], -1)).reshape(ways, *maps.shape[1:])
 
 
