@@ -45,6 +45,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import higher
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -391,7 +392,7 @@ class InnerLoop(nn.Module):
                 ps = list(full)
                 for k, i in enumerate(idx):
                     ps[i] = adapted[k]
-                net = _TaskNet(self, ps, t, inner=True)
+                net = _TaskNet(self, ps, t, inner=True, plain_bn=second)
                 out = loss_fn(net, *task)
                 loss, aux = out if isinstance(out, tuple) else (out, ())
                 targets[:] = net.targets
@@ -462,14 +463,17 @@ class InnerLoop(nn.Module):
         b = net.params[ib] if ib is not None else None
         eps = self._pairs[1][k].module.eps
         if running is not None:
-            return _bn_apply(x, running[0], running[1], w, b, eps)
+            return F.batch_norm(x, running[0], running[1], w, b, False, 0.0, eps)
         dims = [0] + list(range(2, x.dim()))
-        mean, var = x.mean(dims), x.var(dims, correction=0)
+        if target is not None or net.plain_bn:
+            mean, var = x.mean(dims), x.var(dims, correction=0)
         if target is not None:
             n = x.numel() // x.shape[1]
             net.stats += [mean.detach(), (var * (n / max(n - 1, 1))).detach()]
             net.targets.append(target)
-        return _bn_apply(x, mean, var, w, b, eps)
+        if net.plain_bn:
+            return _bn_apply(x, mean, var, w, b, eps)
+        return F.batch_norm(x, None, None, w, b, True, 0.0, eps)
 
     @torch.no_grad()
     def _apply_bn_stats(self, targets: List[tuple], stats: List[Tensor], seen: set) -> None:
@@ -673,10 +677,12 @@ class _TaskNet:
     with plain-op BatchNorm; ``step`` as :class:`Adapted`; ``stats`` collects the batch
     statistics that update running statistics (returned out of vmap, applied in task order)."""
 
-    __slots__ = ("_loop", "params", "step", "_inner", "stats", "targets")
+    __slots__ = ("_loop", "params", "step", "_inner", "stats", "targets", "plain_bn")
 
-    def __init__(self, loop: "InnerLoop", params: List[Tensor], step: int, inner: bool):
+    def __init__(self, loop: "InnerLoop", params: List[Tensor], step: int, inner: bool,
+                 plain_bn: bool = False):
         self._loop, self.params, self.step, self._inner = loop, params, step, inner
+        self.plain_bn = plain_bn
         self.stats: List[Tensor] = []
         self.targets: List[tuple] = []
 
