@@ -338,7 +338,9 @@ class InnerLoop(nn.Module):
         Functional model: ``higher``'s patched model (its forward is plain Python over
         tensors and composes with vmap) except BatchNorm: ``F.batch_norm`` on batch statistics
         under vmap gives exact values and first derivatives but wrong second derivatives, so
-        while batched every patched BatchNorm runs as plain mean/var ops (:func:`_bn_apply`).
+        the forwards of second-order inner gradients run every patched BatchNorm as plain
+        mean/var ops (:func:`_bn_apply`); all other batched forwards (first order, outer,
+        eval) keep the fused ``F.batch_norm`` (first derivatives only, exact, faster).
         BN policies, batched: ``"transductive"``: per-task batch statistics, as sequential.
         ``"running"`` / ``"per_step"``: training forwards normalise with per-task batch
         statistics; the statistics that update running statistics leave vmap as outputs and
