@@ -181,28 +181,69 @@ def _predict(learner, episode) -> torch.Tensor:
     return logits
 
 
+#: most test episodes fine-tuned at once by a learner's ``predict_batch`` (memory grows with it)
+EVAL_TASK_CHUNK = 32
+
+
+def _batching_option(learner) -> str:
+    """The learner's ``task_batching`` when it has ``predict_batch``, else "off"."""
+    if not callable(getattr(learner, "predict_batch", None)):
+        return "off"
+    return getattr(getattr(learner, "config", None), "task_batching", "off")
+
+
+def _predict_chunk(learner, eps: List) -> List[torch.Tensor]:
+    """Per-episode logits of ``eps``: one ``predict_batch`` call when the learner's
+    task_batching resolves to on for these (equal-shaped) episodes, else one by one."""
+    from fewshot.inner_loop import resolve_task_batching
+
+    shapes = [tuple(tuple(t.shape) for t in (e.support_x, e.support_y, e.query_x, e.query_y,
+                                             e.classes)) for e in eps]
+    option = _batching_option(learner)
+    if (len(eps) < 2 or option == "off" or any(sh != shapes[0] for sh in shapes)
+            or not resolve_task_batching(option, [[] for _ in eps], learner.device,
+                                         f"learner '{getattr(learner, 'name', '?')}'")):
+        return [_predict(learner, e) for e in eps]
+    logits = learner.predict_batch(eps)
+    ep = eps[0]
+    if logits.shape != (len(eps), ep.query_y.numel(), ep.ways):
+        raise ConfigError(f"learner '{getattr(learner, 'name', '?')}' predict_batch returned "
+                          f"logits of shape {tuple(logits.shape)} for {len(eps)} {ep.ways}-way "
+                          f"episodes with {ep.query_y.numel()} queries")
+    return list(logits.unbind(0))
+
+
 def evaluate_episodes(learner, episodes, indices: Sequence[int], device="cpu",
-                      progress: Optional[Callable[[int], None]] = None) -> Tuple[List[float], bool]:
+                      progress: Optional[Callable[[int], None]] = None,
+                      chunk: int = EVAL_TASK_CHUNK) -> Tuple[List[float], bool]:
     """Accuracies of ``learner.predict`` on ``episodes[i]`` for i in ``indices``.
 
     Returns (accuracies, transductive_bn). The learner is put in eval mode for the call
-    and returned to its previous mode. Predictions never see the query labels.
+    and returned to its previous mode. Predictions never see the query labels. A learner
+    with ``predict_batch`` whose ``task_batching`` resolves to on fine-tunes up to ``chunk``
+    equal-shaped episodes at once (the same logits per episode as ``predict``, to
+    rounding); the first episode always runs through ``predict`` so that
+    :func:`bn_probe` sees which BatchNorm statistics the learner uses.
     """
     was_training = learner.training
     learner.eval()
     acc: List[float] = []
+    order = list(indices)
     try:
         with bn_probe() as seen:
             pending = []
-            for i in indices:
-                ep = episodes[i].to(device)
-                logits = _predict(learner, ep)
-                pending.append((logits.detach().argmax(-1) == ep.query_y).float().mean())
+            start = 0
+            while start < len(order):
+                size = 1 if start == 0 or _batching_option(learner) == "off" else max(1, chunk)
+                eps = [episodes[i].to(device) for i in order[start:start + size]]
+                for ep, logits in zip(eps, _predict_chunk(learner, eps)):
+                    pending.append((logits.detach().argmax(-1) == ep.query_y).float().mean())
+                    if progress is not None:
+                        progress(1)
                 if len(pending) >= 32:  # sync in chunks, not per episode
                     acc.extend(torch.stack(pending).cpu().tolist())
                     pending = []
-                if progress is not None:
-                    progress(1)
+                start += size
             if pending:
                 acc.extend(torch.stack(pending).cpu().tolist())
     finally:

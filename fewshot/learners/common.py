@@ -246,7 +246,7 @@ def minibatch_loss(x: Tensor, y: Tensor, batches: List[Tensor], last: Dict[str, 
 
 def class_sums(maps: Tensor, labels: Tensor, ways: int) -> Tensor:
     """ρ_c = Σ_{x ∈ S_c} f_θ(x) (L2G eq. 9): (S, C, h, w) maps -> (ways, C, h, w)."""
-    onehot = F.one_hot(labels, ways).to(maps.dtype)  # (S, N)
+    onehot = (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(maps.dtype)  # (S, N); vmap-safe one-hot
     return (onehot.t() @ maps.reshape(maps.shape[0], -1)).reshape(ways, *maps.shape[1:])
 
 
@@ -255,7 +255,7 @@ def prototypes(embeddings: Tensor, labels: Tensor, ways: int) -> Tensor:
 
     Works for any number of shots per class (variable-shot episodes).
     """
-    onehot = F.one_hot(labels, ways).to(embeddings.dtype)  # (S, N)
+    onehot = (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(embeddings.dtype)  # (S, N); vmap-safe one-hot
     sums = onehot.t() @ embeddings  # (N, D)
     counts = onehot.sum(0).clamp_min(1).unsqueeze(1)
     return sums / counts

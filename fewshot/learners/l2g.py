@@ -58,11 +58,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.errors import ConfigError, DataError
-from fewshot.inner_loop import BN_POLICIES, InnerLoop
+from fewshot.inner_loop import BN_POLICIES, InnerLoop, batched_oom_guard
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
 from fewshot.learners.common import (check_episode, check_lr_halve_every, class_sums,
                                      halve_lr_every, positive_float, positive_int, prototypes,
                                      squared_euclidean_logits)
+from fewshot.learners.batching import batches_tasks, check_task_batching, stack
 from fewshot.learners.registry import register_learner
 
 __all__ = ["L2GConfig", "L2GRelationConfig", "L2GProtoNet", "L2GRelationNet", "MAMLProtoNet",
@@ -115,7 +116,8 @@ class RelationNetScorer(nn.Module):
 
     @staticmethod
     def loss(scores: Tensor, query_y: Tensor, ways: int) -> Tensor:
-        return F.mse_loss(scores, F.one_hot(query_y, ways).to(scores.dtype))
+        target = (query_y.unsqueeze(-1) == torch.arange(ways, device=query_y.device)).to(scores.dtype)
+        return F.mse_loss(scores, target)  # (one-hot by comparison: vmap-safe, no host sync)
 
 
 def build_relation_scorer(learner: Learner) -> RelationNetScorer:
@@ -170,6 +172,7 @@ class L2GConfig(LearnerConfig):
     first_order: drop second derivatives in eq. 4 (the authors' code's effective behaviour).
     bn: BatchNorm policy of the inner loop: "running" (default), "transductive" or "per_step".
     weight_decay: Adam's L2 penalty (0; the authors' code's 0.9 is not copied).
+    task_batching: "auto" | "on" | "off": adapt the T pairs as one batched computation.
     """
 
     lr: float = 1e-3
@@ -180,9 +183,11 @@ class L2GConfig(LearnerConfig):
     first_order: bool = False
     bn: str = "running"
     weight_decay: float = 0.0
+    task_batching: str = "auto"
 
     def validate(self) -> None:
         super().validate()
+        check_task_batching(self.task_batching)
         check_lr_halve_every(self.lr_halve_every)
         require(self.inner_lr > 0, f"learner option 'inner_lr' (α of L2G eq. 3) must be > 0, "
                                    f"got {self.inner_lr}")
@@ -261,6 +266,8 @@ class _BilevelMetric(Learner):
         """
         pairs = self._pairs(batch)
         self.train()
+        if batches_tasks(self, pairs):
+            return self._train_batched(pairs)
         opt = self.optimizers["meta"]
         opt.zero_grad(set_to_none=True)
         n = len(pairs)
@@ -280,7 +287,32 @@ class _BilevelMetric(Learner):
             outer.append(loss_j.detach())
             inner.append(first[0])
             accs.append(accuracy(scores.detach(), t_j.query_y))
-        loss = torch.stack(outer).mean()
+        return self._finish_step(torch.stack(outer).mean(), torch.stack(accs).mean(),
+                                 torch.stack(inner).mean())
+
+    def _train_batched(self, pairs) -> Dict[str, Tensor]:
+        """:meth:`train_step` with the T pairs as one batched computation: θ'_i for all T_i
+        by ``adapt_batched`` (eq. 3), then one backward of (1/T) Σ L_Tj(θ'_i) (eqs. 4-5)."""
+        self.optimizers["meta"].zero_grad(set_to_none=True)
+        t_i = [p[0] for p in pairs]
+        t_j = [p[1] for p in pairs]
+        ways_i, ways_j = t_i[0].ways, t_j[0].ways
+        fields = ("support_x", "support_y", "query_x", "query_y")
+        si, sj = [stack(t_i, f) for f in fields], [stack(t_j, f) for f in fields]
+
+        def inner_loss(net, sx, sy, qx, qy):
+            return self.scorer.loss(net(sx, sy, qx, ways_i), qy, ways_i)
+
+        with batched_oom_guard(len(pairs), f"learner '{self.name}'"):
+            adapted = self.inner.adapt_batched(inner_loss, *si)          # θ'_i (eq. 3)
+            scores = adapted(sj[0], sj[1], sj[2], ways_j)                # (T, Q, N)
+            losses = torch.func.vmap(lambda s, y: self.scorer.loss(s, y, ways_j))(scores, sj[3])
+            losses.mean().backward()                                     # eqs. 4-5
+        accs = (scores.detach().argmax(-1) == sj[3]).float().mean(1)
+        return self._finish_step(losses.detach().mean(), accs.mean(), adapted.inner_losses[0].mean())
+
+    def _finish_step(self, loss: Tensor, acc: Tensor, inner: Tensor) -> Dict[str, Tensor]:
+        """Finiteness check, per-network clipping, the Adam step (eq. 5) and the metrics."""
         self.check_finite(loss, self.steps_done)
         clip = getattr(self.config, "grad_clip", 0)
         if clip:
@@ -288,7 +320,7 @@ class _BilevelMetric(Learner):
                 torch.nn.utils.clip_grad_norm_(part.parameters(), clip)
         self.outer_step("meta")
         self.steps_done += 1
-        return {"loss": loss, "acc": torch.stack(accs).mean(), "inner_loss": torch.stack(inner).mean()}
+        return {"loss": loss, "acc": acc, "inner_loss": inner}
 
     def predict(self, episode) -> Tensor:
         """X's query scores at the meta-learned θ, no fine-tuning (L2G sec. 3.3).

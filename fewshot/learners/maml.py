@@ -36,6 +36,8 @@ from fewshot.inner_loop import ADAPT_PRESETS, BN_POLICIES, InnerLoop
 from fewshot.learners.base import Learner, LearnerConfig, require
 from fewshot.learners.common import (HeadNet, boolean, check_batch, check_episode, choice,
                                      eval_mode, mean_episode_update, positive_float, positive_int)
+from fewshot.learners.batching import (batched_episode_update, batches_tasks, check_task_batching,
+                                       stack, support_loss)
 from fewshot.learners.registry import register_learner
 
 __all__ = ["MAML", "FOMAML"]
@@ -68,6 +70,9 @@ class MAML(Learner):
         lr_per: "tensor" (one α per parameter tensor) or "layer" (one per module).
         meta_batch: tasks per outer step the trainer should draw (4 for 1-shot
             mini-ImageNet; Omniglot used 32). ``train_step`` averages over any number.
+        task_batching: "auto" (batched on CUDA when the tasks have equal shapes), "on" or
+            "off": adapt the meta-batch (and test episodes) as one batched computation
+            (:meth:`fewshot.inner_loop.InnerLoop.adapt_batched`).
         """
 
         lr: float = 1e-3
@@ -81,9 +86,11 @@ class MAML(Learner):
         learn_inner_lr: bool = False
         lr_per: str = "tensor"
         meta_batch: int = 4
+        task_batching: str = "auto"
 
         def validate(self) -> None:
             super().validate()
+            check_task_batching(self.task_batching)
             positive_int(self.ways, "ways", 1)
             positive_int(self.inner_steps, "inner_steps", 0)
             positive_int(self.eval_steps, "eval_steps", 0)
@@ -127,6 +134,8 @@ class MAML(Learner):
         """
         episodes = check_batch(self, batch, self.config.ways)
         self.train()
+        if batches_tasks(self, episodes):
+            return batched_episode_update(self, self.loop, episodes)
         return mean_episode_update(self, episodes, self.task_loss)
 
     def predict(self, episode) -> Tensor:
@@ -137,6 +146,18 @@ class MAML(Learner):
                                       differentiable=False)
             with torch.no_grad():
                 return adapted(episode.query_x)
+
+    def predict_batch(self, episodes) -> Tensor:
+        """:meth:`predict` for T equal-shaped episodes at once: (T, Q, ways) query logits
+        (fine-tuning batched by ``adapt_batched``, no graph kept)."""
+        for ep in episodes:
+            check_episode(self, ep, self.config.ways)
+        with eval_mode(self):
+            adapted = self.loop.adapt_batched(support_loss, stack(episodes, "support_x"),
+                                              stack(episodes, "support_y"),
+                                              steps=self.config.eval_steps, differentiable=False)
+            with torch.no_grad():
+                return adapted(stack(episodes, "query_x"))
 
 
 @register_learner("fomaml")

@@ -93,10 +93,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.errors import ConfigError, DataError
-from fewshot.inner_loop import BN_POLICIES, InnerLoop
+from fewshot.inner_loop import BN_POLICIES, InnerLoop, batched_oom_guard
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
 from fewshot.learners.common import (check_batch, check_episode, eval_mode, minibatch_indices,
                                      minibatch_loss, positive_float, positive_int)
+from fewshot.learners.batching import batched_query_loss, batches_tasks, check_task_batching, stack
 from fewshot.learners.registry import register_learner
 
 __all__ = ["MTLNet", "MTLConfig", "MTLMAML", "MTLReptile", "sub_batches"]
@@ -214,6 +215,8 @@ class MTLConfig(LearnerConfig):
     seed: seed of the sub-batch shuffles.
     mode: "paper" (Algorithm 1 as printed) or "authors" (MTL+Reptile only: the authors'
         update, sequential tasks, see the module docstring).
+    task_batching: "auto" | "on" | "off": the meta side's inner loops (and test-time
+        fine-tuning) as one batched computation over equal-shaped tasks.
     """
 
     lr: float = 1.0
@@ -235,9 +238,11 @@ class MTLConfig(LearnerConfig):
     bn: str = "transductive"
     seed: int = 0
     mode: str = "paper"
+    task_batching: str = "auto"
 
     def validate(self) -> None:
         super().validate()
+        check_task_batching(self.task_batching)
         require(self.mode in ("paper", "authors"), f"learner option 'mode' must be 'paper' "
                 f"(Algorithm 1 as printed) or 'authors' (the authors' code), got {self.mode!r}")
         if self.mode == "authors":
@@ -382,6 +387,8 @@ class _MTL(Learner):
         n = len(episodes)
         losses, accs = [], []
         meta_params = [p for g in self.optimizers["meta"].param_groups for p in g["params"]]
+        if batches_tasks(self, episodes):
+            return self._meta_side_batched(episodes, meta_params)
         if self.variant == "maml":
             for ep in episodes:
                 adapted, _ = self._adapt(ep.support_x, ep.support_y, differentiable=True)
@@ -407,6 +414,47 @@ class _MTL(Learner):
                 p.grad = -(total[index[id(p)]] / n)
         self.outer_step("meta")
         return {"meta_loss": torch.stack(losses).mean(), "meta_acc": torch.stack(accs).mean()}
+
+    def _meta_side_batched(self, episodes, meta_params) -> Dict[str, Tensor]:
+        """:meth:`_meta_side` with the T tasks' k inner steps as one batched computation.
+
+        Sub-batches are drawn task by task from the learner's generator, as sequentially;
+        MAML (line 7): one backward of (1/T) Σ_i L_i(θ_i; query_i); Reptile (line 8): the
+        gradient −(1/T) Σ_i (θ_i − θ).
+        """
+        n, maml = len(episodes), self.variant == "maml"
+        if maml:
+            x, y = stack(episodes, "support_x"), stack(episodes, "support_y")
+        else:
+            x = torch.stack([torch.cat([ep.support_x, ep.query_x]) for ep in episodes])
+            y = torch.stack([torch.cat([ep.support_y, ep.query_y]) for ep in episodes])
+        draws = [sub_batches(x.shape[1], self.config.inner_steps, self.config.inner_batch, self._rng)
+                 for _ in episodes]
+        rows = [torch.stack([d[t] for d in draws]).to(x.device) for t in range(len(draws[0]))]
+
+        def loss_fn(net, x_i, y_i, *rows_i):
+            r = rows_i[net.step]
+            logits = net(x_i[r])
+            loss = F.cross_entropy(logits, y_i[r])
+            return loss, (accuracy(logits.detach(), y_i[r]),)
+
+        with batched_oom_guard(n, f"learner '{self.name}'"):
+            adapted = self.inner.adapt_batched(loss_fn, x, y, *rows, differentiable=maml)
+            if maml:
+                losses, accs = batched_query_loss(adapted(stack(episodes, "query_x")),
+                                                  stack(episodes, "query_y"))
+                losses.mean().backward()
+                loss, acc = losses.detach().mean(), accs.mean()
+        if not maml:
+            theta = list(self.net.parameters())
+            index = {id(p): k for k, p in enumerate(theta)}
+            stacked = adapted.stacked_params()
+            for p in meta_params:
+                q = stacked[index[id(p)]]
+                p.grad = -((q.detach() - p.detach()).sum(0) / n)
+            loss, acc = adapted.inner_losses[-1].mean(), adapted.aux[-1][0].mean()
+        self.outer_step("meta")
+        return {"meta_loss": loss, "meta_acc": acc}
 
     def _transfer_side(self, episodes) -> Dict[str, Tensor]:
         """Line 9: one step of the C-way loss over all instances of the sampled tasks."""
@@ -561,6 +609,33 @@ class _MTL(Learner):
             adapted = loop.adapt(loss_fn, differentiable=False)
             with torch.no_grad():
                 return adapted(episode.query_x)
+
+    def predict_batch(self, episodes) -> Tensor:
+        """:meth:`predict` for T equal-shaped episodes at once: (T, Q, ways) logits (each task
+        its own new zero head and the same sub-batch rows as :meth:`predict` draws)."""
+        for ep in episodes:
+            check_episode(self, ep)
+        cfg = self.config
+        head = _zero_linear(self.net.head.in_features, episodes[0].ways, self.net.head.weight)
+        loop = InnerLoop(_FineTuneNet(self.net.backbone, head), steps=cfg.eval_steps,
+                         lr=cfg.eval_lr, bn=cfg.bn, optimizer="sgd")
+        x, y = stack(episodes, "support_x"), stack(episodes, "support_y")
+        n = x.shape[1]
+        batch = None if cfg.eval_batch is None else min(cfg.eval_batch, n)
+        g = torch.Generator().manual_seed(int(cfg.seed))
+        batches = [b.to(x.device) for b in sub_batches(n, cfg.eval_steps, batch, g)] \
+            if batch is not None else None
+
+        def loss_fn(net_, x_i, y_i):
+            if batches is None:
+                return F.cross_entropy(net_(x_i), y_i)
+            b = batches[net_.step]
+            return F.cross_entropy(net_(x_i[b]), y_i[b])
+
+        with eval_mode(self):
+            adapted = loop.adapt_batched(loss_fn, x, y, differentiable=False)
+            with torch.no_grad():
+                return adapted(stack(episodes, "query_x"))
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self, *args, **kwargs):  # type: ignore[override]

@@ -29,13 +29,16 @@ the paper's reported results (``--transductive``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fewshot.inner_loop import BN_POLICIES, InnerLoop
-from fewshot.learners.base import Learner, LearnerConfig, require
+from fewshot.inner_loop import batched_oom_guard
+from fewshot.learners.batching import batches_tasks, check_task_batching, stack
+from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
 from fewshot.learners.common import (HeadNet, check_batch, check_episode, choice, eval_mode,
                                      fraction, minibatch_indices, minibatch_loss,
                                      positive_float, positive_int)
@@ -76,6 +79,8 @@ class Reptile(Learner):
             statistics are learned by a forward after the inner steps, which Reptile has not.
         meta_batch: tasks per outer step the trainer should draw (5).
         seed: seeds the mini-batch order (together with the step number).
+        task_batching: "auto" | "on" | "off": adapt equal-shaped tasks as one batched
+            computation (same mini-batches, same result as sequential).
         """
 
         lr: float = 1e-3
@@ -92,9 +97,11 @@ class Reptile(Learner):
         bn: str = "transductive"
         meta_batch: int = 5
         seed: int = 0
+        task_batching: str = "auto"
 
         def validate(self) -> None:
             super().validate()
+            check_task_batching(self.task_batching)
             positive_int(self.ways, "ways", 1)
             positive_int(self.inner_steps, "inner_steps", 1)
             positive_int(self.eval_steps, "eval_steps", 0)
@@ -154,6 +161,8 @@ class Reptile(Learner):
         self.train()
         c = self.config
         params = list(self.net.parameters())
+        if batches_tasks(self, episodes):
+            return self._finish_step(params, *self._train_batched(episodes))
         sums = [torch.zeros_like(p) for p in params]
         losses, accs = [], []
         for i, ep in enumerate(episodes):
@@ -165,9 +174,12 @@ class Reptile(Learner):
                 s.add_(q)
             losses.append(loss)
             accs.append(acc)
-        loss = torch.stack(losses).mean()
+        return self._finish_step(params, sums, len(episodes), torch.stack(losses).mean(),
+                                 torch.stack(accs).mean())
+
+    def _finish_step(self, params, sums, n: int, loss: Tensor, acc: Tensor) -> Dict[str, Tensor]:
+        """Pseudo-gradient θ − (1/n) Σ_i θ̃_i from ``sums`` = Σ_i θ̃_i, then the ε_t step."""
         self.check_finite(loss, self.steps_done)
-        n = len(episodes)
         with torch.no_grad():
             for p, s in zip(params, sums):
                 p.grad = p - s / n  # pseudo-gradient θ − mean_i θ̃_i
@@ -177,8 +189,34 @@ class Reptile(Learner):
             group["lr"] = eps
         self.outer_step("meta")
         self.steps_done += 1
-        return {"loss": loss, "acc": torch.stack(accs).mean(),
-                "epsilon": torch.tensor(eps)}
+        return {"loss": loss, "acc": acc, "epsilon": torch.tensor(eps)}
+
+    def _adapt_batched(self, x: Tensor, y: Tensor, steps: int, batch: Optional[int],
+                       generators: List[torch.Generator]):
+        """θ̃_i = U^steps(θ) for T tasks at once ((T, n, ...) examples, task i's mini-batches
+        drawn from ``generators[i]`` exactly as :meth:`adapt`); a :class:`BatchedAdapted`."""
+        rows = torch.stack([torch.stack(minibatch_indices(y.shape[1], batch, steps, g))
+                            for g in generators]).to(x.device)
+
+        def loss_fn(net, x_i, y_i, rows_i):
+            r = rows_i[net.step]
+            logits = net(x_i[r])
+            loss = F.cross_entropy(logits, y_i[r])
+            return loss, (accuracy(logits.detach(), y_i[r]),)
+
+        with batched_oom_guard(x.shape[0], f"learner '{self.name}'"):
+            return self.loop.adapt_batched(loss_fn, x, y, rows, steps=steps, differentiable=False)
+
+    def _train_batched(self, episodes):
+        """The meta-batch's inner loops as one batched computation: (Σ_i θ̃_i, n, loss, acc)."""
+        c = self.config
+        x = torch.stack([torch.cat([ep.support_x, ep.query_x]) for ep in episodes])
+        y = torch.stack([torch.cat([ep.support_y, ep.query_y]) for ep in episodes])
+        gens = [self._generator(self.steps_done * 4096 + i) for i in range(len(episodes))]
+        adapted = self._adapt_batched(x, y, c.inner_steps, c.inner_batch, gens)
+        sums = [q.sum(0) for q in adapted.stacked_params()]
+        return (sums, len(episodes), adapted.inner_losses[-1].mean(),
+                adapted.aux[-1][0].mean())
 
     def predict(self, episode) -> Tensor:
         """Fine-tune on the support set for ``eval_steps`` steps, return query logits."""
@@ -189,3 +227,15 @@ class Reptile(Learner):
                                        c.eval_batch, self._generator(2**31 - 1))
             with torch.no_grad():
                 return adapted(episode.query_x)
+
+    def predict_batch(self, episodes) -> Tensor:
+        """:meth:`predict` for T equal-shaped episodes at once: (T, Q, ways) query logits."""
+        for ep in episodes:
+            check_episode(self, ep, self.config.ways)
+        c = self.config
+        with eval_mode(self):
+            gens = [self._generator(2**31 - 1) for _ in episodes]
+            adapted = self._adapt_batched(stack(episodes, "support_x"), stack(episodes, "support_y"),
+                                          c.eval_steps, c.eval_batch, gens)
+            with torch.no_grad():
+                return adapted(stack(episodes, "query_x"))
