@@ -553,19 +553,26 @@ NON_SEMANTIC = {("train", "episodes"), ("train", "epochs"), ("train", "quiet"),
                 ("train", "log_every"), ("train", "checkpoint_every"), ("train", "device"),
                 ("train", "threads"), ("train", "val_every"), ("data", "root"),
                 ("data", "in_memory")}
+#: learner options that choose how a step is computed, not what it computes (task batching
+#: gives the sequential meta-gradients to float rounding): left out of the hash like the device
+NON_SEMANTIC_LEARNER = {"task_batching"}
 
 
 def config_hash(cfg: RunConfig) -> str:
     """SHA-256 (first 16 hex digits) of everything in the config that shapes the weights.
 
     The [eval] table and the keys in :data:`NON_SEMANTIC` (run length, logging, device,
-    data location) are left out, so a run may be resumed with more episodes or on
+    data location) and :data:`NON_SEMANTIC_LEARNER` are left out, so a run may be resumed with more episodes or on
     another device.
     """
     d = cfg.to_dict()
     d.pop("eval")
     for table, key in NON_SEMANTIC:
         d[table].pop(key, None)
+    for key in NON_SEMANTIC_LEARNER:
+        d["learner"].pop(key, None)
+        if isinstance(d["learner"].get("options"), dict):
+            d["learner"]["options"].pop(key, None)
     text = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
