@@ -301,12 +301,7 @@ class MLTP(SupervisedLearner):
         opt.zero_grad(set_to_none=True)
         if c.first_order:  # ∂J/∂w = g_i + η ∂L_j/∂w|_{w'};  ∂J/∂α = −η ⟨g_i, ∂L_j/∂w|_{w'}⟩
             (c.eta * out["loss_j"]).backward()
-            with torch.no_grad():
-                for p, g in out["g_i"]:
-                    if p.grad is None:
-                        p.grad = g.clone()
-                    else:
-                        p.grad.add_(g)
+            _add_to_grads(out["g_i"])
         else:
             J.backward()  # ∂J/∂w (second order) and ∂J/∂α
         self.outer_step("meta")  # line 7: w ← w − r ∂J/∂w, α ← α − r ∂J/∂α (+ β w)
@@ -315,7 +310,7 @@ class MLTP(SupervisedLearner):
             self._clamp_alpha()
         elif c.learn_alpha and c.alpha_negative == "error":
             self._refuse_negative_alpha()
-        alphas = torch.cat([a.detach().reshape(-1) for a in self.step_sizes().values()])
+        alphas = self.inner.alpha.detach()  # every α_l (step_sizes() are views of it)
         acc = 0.5 * (accuracy(out["logits_i"].detach(), y_i)
                      + accuracy(out["logits_j"].detach(), y_j))
         return {"loss": J.detach(), "loss_i": out["loss_i"].detach(),
@@ -329,6 +324,19 @@ class MLTP(SupervisedLearner):
                     f"learner '{self.name}': step size α of layer '{name}' turned negative "
                     f"({float(a.detach().min()):.3g}) at step {self.steps_done}; set "
                     f"alpha_negative='clamp' (project onto α >= 0) or lower 'lr'")
+
+
+def _add_to_grads(pairs) -> None:
+    """``p.grad += g`` for each ``(p, g)``, as one multi-tensor operation (no per-tensor
+    Python loop of kernels); ``g`` becomes ``p.grad`` where there was none (``g`` is a fresh
+    gradient owned by no one else, so no copy is needed)."""
+    with torch.no_grad():
+        have = [(p.grad, g) for p, g in pairs if p.grad is not None]
+        for p, g in pairs:
+            if p.grad is None:
+                p.grad = g
+        if have:
+            torch._foreach_add_([a for a, _ in have], [g for _, g in have])
 
 
 @register_learner("mltp_conv")

@@ -197,7 +197,7 @@ def episode_scores(learner, episodes):
 def scenario_all(out: Path) -> None:
     from fewshot import distributed as D
 
-    ctx = D.init_from_env(timeout_s=60)
+    ctx = D.init_from_env(timeout_s=60, device="cpu")  # gloo/CPU semantics, GPU or not
     r, w = ctx.rank, ctx.world_size
     result = {"rank": r, "world": w, "learners": {}, "init_differs": {}}
     for name in LEARNERS:
@@ -261,7 +261,7 @@ def scenario_failure(out: Path, mode: str) -> None:
     from fewshot.errors import DistributedError
 
     ctx = D.init_from_env(timeout_s=float(os.environ.get("FEWSHOT_TEST_TIMEOUT", "2")),
-                          init_timeout_s=60)
+                          init_timeout_s=60, device="cpu")
     if ctx.rank == 1:
         if mode == "die":
             os._exit(3)

@@ -39,6 +39,9 @@ def _env(**extra):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
+    # these tests mean gloo on the CPU: a visible GPU would make "auto" pick cuda:LOCAL_RANK
+    # (and fail with one GPU and two ranks); the workers also pass device="cpu" themselves
+    env["CUDA_VISIBLE_DEVICES"] = ""
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -234,7 +234,7 @@ def test_spec_trains_end_to_end_on_official_format_fixture(tmp_path, file, label
     prep.prepare(raw["data"]["dataset"], from_path=src, root=root)
     raw["data"]["root"] = str(root)
     raw["train"].update(epochs=1, batch_size=20 if maker == "cifar10" else 6, lr_milestones=[],
-                        threads=1, quiet=True, log_every=1)
+                        threads=1, quiet=True, log_every=1, device="cpu")
     threads = torch.get_num_threads()
     try:
         run = Trainer(config_from_dict(raw), tmp_path / "run").run()
