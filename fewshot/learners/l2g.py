@@ -2,51 +2,30 @@
 
 Lee, Na, Lee & Hwang, "Learning to Generalize to Unseen Tasks with Bilevel Optimization"
 (arXiv 2019), Algorithm 1 and eqs. 3-5, on a metric-based base learner X (Prototypical
-Networks, eqs. 6-8, or Relation Networks, eqs. 9-11).
-
-Each training step receives T task pairs (T_i, T_j) whose classes are disjoint (the paper
-uses T = 5 "tasks for the backward propagation"; T is the runner's ``train.meta_batch``).
-For every pair, with the embedding (and, for RelationNet, relation module) parameters θ:
+Networks, eqs. 6-8, or Relation Networks, eqs. 9-11). A step receives T task pairs (T_i, T_j)
+with disjoint classes (T = ``train.meta_batch``; the paper uses 5). For each pair, with the
+embedding (and relation module) parameters θ and X's loss L on a task's queries x̃ against
+prototypes ρ_c from its support set:
 
     θ' = θ − α ∇_θ L_Ti({ρ_c}, f_θ(x̃))                                          (eq. 3)
+    min_θ  L_Tj({ρ_c}, f_θ'(x̃))      (prototypes and queries of T_j embedded by θ')   (eq. 4)
 
-where L_Ti is X's loss on T_i: prototypes ρ_c from T_i's support set, queries x̃ from its
-query set, both embedded by f_θ. The meta-objective is X's loss on the *other* task T_j with
-its prototypes and queries both embedded by θ' (eq. 4):
+θ takes an Adam step (β, halved every ``lr_halve_every`` steps) on the mean of eq. 4 over the
+T pairs (eq. 5). The inner step goes through :class:`fewshot.inner_loop.InnerLoop` and is
+second order as eq. 4 states; ``first_order=True`` is what the authors' code effectively
+computes. α = 1e-2 is fixed; ``learn_inner_lr=True`` learns it per layer (Meta-SGD).
+**MAML + X** (the paper's baseline) is the same scheme with T_j = T_i on plain episodes.
+Test time: no fine-tuning; :meth:`L2G.predict` returns X's query scores at θ.
 
-    min_θ  L_Tj({ρ_c}, f_θ'(x̃)),    θ' = θ − α ∇_θ L_Ti(...)                     (eq. 4)
+Choices where the paper is silent (reasons: ``docs/learners.md``):
 
-and θ is updated with the gradient of the mean of eq. 4 over the T pairs (eq. 5; the paper's
-meta step size β is Adam's learning rate, 1e-3, multiplied by 0.5 every 10k episodes for
-L2G + ProtoNet and every 100k for L2G + RelationNet). The inner step goes through
-:class:`fewshot.inner_loop.InnerLoop` and is second order, as eq. 4 states (the gradient of
-L_Tj flows through ∇_θ L_Ti); ``first_order=True`` drops the second derivatives, which is
-what the authors' public code effectively computes (it writes θ' back with
-``load_state_dict``). α = 1e-2 is fixed by default; ``learn_inner_lr=True`` makes it a
-learnable per-layer step size as Meta-SGD (Li et al. 2017), which the paper mentions.
-
-**MAML + X** (the paper's baseline 6) is the same bilevel scheme with T_j = T_i: the inner
-step on T_i's loss and the outer loss on the same task's queries and prototypes, embedded by
-θ'. It consumes plain episodes (``input_kind = "episodes"``; each episode plays both roles).
-
-Test time (both): no fine-tuning, the meta-learned θ is used as is (the paper: "our model
-solves the few-shot classification problems with generalized initial parameters, which do
-not need fine-tuning"); :meth:`L2G.predict` returns X's query scores at θ.
-
-Choices the paper leaves open, taken from its baselines' papers and written down here:
-
-* X's losses are averaged over queries (Snell et al.'s and Sung et al.'s code), not summed
-  as eqs. 8 and 11 are written; with a sum, α would have to shrink by the number of queries.
-* BatchNorm (``bn``, default ``"running"``): batch statistics while training; the running
-  statistics are updated by the outer forward on T_j only (never by the inner step on T_i)
-  and used at test time, as ProtoNet and RelationNet test in eval mode. ``"transductive"``
-  normalises every forward, including test queries, with the batch's own statistics;
-  ``"per_step"`` tests with the statistics of step 0 (see ``predict``).
+* X's losses are averaged over queries (Snell's and Sung's code), not summed as eqs. 8, 11.
+* BatchNorm (``bn``, default ``"running"``): the running statistics are updated by the outer
+  forward on T_j only and used at test; ``"transductive"`` normalises every forward, test
+  queries included, with the batch's statistics; ``"per_step"`` tests with step 0's set.
 * Support and query images of a task go through the embedding in one batch.
-* Prototypes: mean of the support embeddings for ProtoNet (eq. 6), sum for RelationNet
-  (eq. 9, Sung et al.'s "element-wise sum").
-* Adam without weight decay (the authors' code passes 0.9, which we do not copy); the
-  learning rate is halved every ``lr_halve_every`` outer steps (one step = T pairs).
+* Prototypes: mean of the support embeddings for ProtoNet (eq. 6), sum for RelationNet (eq. 9).
+* Adam without weight decay (the authors' code passes 0.9).
 """
 from __future__ import annotations
 
@@ -60,7 +39,7 @@ from torch import Tensor, nn
 from fewshot.errors import ConfigError, DataError
 from fewshot.inner_loop import BN_POLICIES, InnerLoop, batched_oom_guard
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
-from fewshot.learners.common import (check_episode, check_lr_halve_every, class_sums,
+from fewshot.learners.common import (check_episode, check_lr_halve_every, class_sums, eval_mode,
                                      halve_lr_every, positive_float, positive_int, prototypes,
                                      squared_euclidean_logits)
 from fewshot.learners.batching import batches_tasks, check_task_batching, stack
@@ -333,14 +312,9 @@ class _BilevelMetric(Learner):
         step's forward at θ updates in training).
         """
         check_episode(self, episode)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                net = self.inner.functional(step=0)
-                return net(episode.support_x, episode.support_y, episode.query_x, episode.ways)
-        finally:
-            self.train(was_training)
+        with eval_mode(self), torch.no_grad():
+            net = self.inner.functional(step=0)
+            return net(episode.support_x, episode.support_y, episode.query_x, episode.ways)
 
 
 @dataclass

@@ -1,60 +1,36 @@
 """MLTP: the meta-learning based training procedure and its variants.
 
 Deng & Zhang, "Is the Meta-Learning Idea Able to Improve the Generalization of Deep Neural
-Networks on the Standard Supervised Learning?", ICPR 2020 (Algorithm 1, eqs. 2-6).
-
-Each minibatch of B images is split into two tasks of B/2, task_i = (x^i_bat, y^i_bat) and
-task_j = (x^j_bat, y^j_bat) (sec. IV-A: 128 = 64 + 64, so the batch size equals standard
-training's). One iteration minimises
+Networks on the Standard Supervised Learning?", ICPR 2020 (Algorithm 1, eqs. 2-6). Each
+minibatch of B images is split into two tasks of B/2, task_i and task_j (sec. IV-A: 128 =
+64 + 64). One iteration minimises
 
     J = L(f(w, x^i), y^i) + η L(f(w − α ∂L(f(w, x^i), y^i)/∂w, x^j), y^j)      (eq. 4)
 
-plus β R(w) (eq. 6) with R(w) = ½‖w‖² through the optimiser's ``weight_decay`` (torch adds
-β w to ∂J/∂w; the step sizes α are not decayed). α = [α_1, .., α_n] holds one inner step
-size per layer (a conv or linear module's weight and bias share α_l), drawn from
-N(``alpha_mean``, ``alpha_std``) (1e-3, 1e-3 on CIFAR; 1e-2, 1e-2 on Tiny ImageNet) and
-updated by the same optimiser and learning rate r as w (Algorithm 1, line 7:
-α ← α − r ∂J/∂α), or kept fixed with ``learn_alpha=False``. To first order in α,
+plus β R(w) = β ½‖w‖² (eq. 6) through the optimiser's ``weight_decay`` (α is not decayed).
+α = [α_1, .., α_n] holds one inner step size per layer (a conv or linear module's weight and
+bias share α_l), drawn from N(``alpha_mean``, ``alpha_std``) and updated by the same optimiser
+as w (line 7), or fixed with ``learn_alpha=False``. To first order in α (eq. 5),
+J ≈ L_i(w) + η L_j(w) − η α ⟨∂L_i/∂w, ∂L_j/∂w⟩: MLTP rewards agreeing task gradients.
 
-    J ≈ L_i(w) + η L_j(w) − η α ⟨∂L_i/∂w, ∂L_j/∂w⟩                               (eq. 5)
+The inner step runs through :class:`fewshot.inner_loop.InnerLoop` (one step,
+``lr_per="layer"``). Variants (sec. III-E): ``mltp`` (all conv and fc layers, second order),
+``mltp_conv`` / ``mltp_fc`` (only ``nn.Conv*`` / ``nn.Linear`` layers take the inner step;
+the others stay w in both terms and still get the full gradient of J), ``mltp_fo`` (first
+order: ∂J/∂w = ∂L_i/∂w|_w + η ∂L_j/∂w|_{w'}; α is still learned, ∂J/∂α_l needs first
+derivatives only). ``adapt = "first_conv"`` / ``"last_fc"`` of learner ``mltp`` adapt only
+the first ``nn.Conv*`` / last ``nn.Linear`` module, the cost/accuracy trade-offs the end of
+sec. III-E suggests without numbers.
 
-so MLTP rewards agreement between the two tasks' gradients.
+Choices where the paper is silent (reasons: ``docs/learners.md``):
 
-The inner step w' = w − α ∂L_i/∂w runs through :class:`fewshot.inner_loop.InnerLoop`
-(one step, ``lr_per="layer"``, learnable α). Variants (sec. III-E):
-
-* ``mltp``      all conv and fc layers take the inner step, second-order ∂J/∂w;
-* ``mltp_conv`` only convolutional layers take the inner step (the others stay w in both
-  terms and still get the full gradient of J);
-* ``mltp_fc``   only fully-connected (``nn.Linear``) layers take the inner step;
-* ``mltp_fo``   all layers, first order: ∂(∂L_i/∂w)/∂w is dropped, so
-  ∂J/∂w = ∂L_i/∂w|_w + η ∂L_j/∂w|_{w'}; α is still learned since
-  ∂J/∂α_l = −η ⟨∂L_i/∂w_l|_w, ∂L_j/∂w_l|_{w'}⟩ needs first derivatives only.
-
-The end of sec. III-E adds that "one may only apply MLTP to the first convolutional layer as
-the first convolutional layer is closest to the input data" or "to the last fully connected
-layer considering that the last layer is closest to the output", as cost/accuracy trade-offs;
-the paper reports no numbers for them. They are the ``adapt`` choices ``"first_conv"`` (the
-first ``nn.Conv*`` module of the network) and ``"last_fc"`` (its last ``nn.Linear``, the
-classifier) of learner ``mltp`` (options ``adapt`` and ``first_order``; no registered names of
-their own): only that layer takes the inner step, every other parameter stays w in both terms
-of eq. 4 and still gets the full gradient of J, as in MLTP_conv / MLTP_fc.
-
-Policies this implementation fixes where the paper is silent:
-
-* Step sizes that turn negative (``alpha_negative``): ``"clamp"`` (default) projects α
-  onto α ≥ 0 after every optimiser step and after the random initial draw (a negative α
-  would turn the inner step into ascent and eq. 5's third term into a reward for
-  *opposed* gradients); ``"error"`` raises :class:`~fewshot.errors.TrainingError` naming
-  the layer when an update drives α below 0 (initial draws are still clamped);
-  ``"allow"`` keeps signed step sizes (as Meta-SGD does).
-* BatchNorm: batch statistics in both forwards (as in training). The running statistics
-  are updated once per iteration, by the task_j forward at w' (the inner loop's
-  ``bn="running"`` policy: inner steps never touch them); evaluation uses them with w.
-  Since α is small (~1e-3), w' ≈ w; the difference from standard training is that the
-  running averages see B/2 images per iteration instead of B.
-* Dropout draws independent masks in the two forwards, as two standard iterations would.
-* Odd minibatches are refused (see ``SupervisedLearner.check_batch``); non-finite J raises
+* ``alpha_negative``: ``"clamp"`` (default) projects α onto α ≥ 0 after every optimiser step
+  and after the initial draw; ``"error"`` raises :class:`~fewshot.errors.TrainingError`
+  naming the layer when an update drives α below 0; ``"allow"`` keeps signed α (Meta-SGD).
+* BatchNorm: batch statistics in both forwards; the running statistics are updated once per
+  iteration, by the task_j forward at w' (``bn="running"``), and evaluation uses them with w.
+* Dropout draws independent masks in the two forwards.
+* Odd minibatches are refused (``SupervisedLearner.check_batch``); a non-finite J raises
   :class:`~fewshot.errors.TrainingError` before any weight moves.
 """
 from __future__ import annotations

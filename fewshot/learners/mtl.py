@@ -1,9 +1,8 @@
 """MTL: meta-transfer learning, joint transfer learning and meta-learning (MAML or Reptile).
 
-Paper: "Meta-Transfer Learning" (2-page AAAI student abstract, ``meta_transfer_aaai``),
-Algorithm 1. One model f_θ: a shared feature extractor with two heads (the paper's Figure 1),
-an N-way head for the sampled tasks and a C-way head over all C base classes (64 for
-mini-ImageNet). Each iteration, for a batch of tasks τ_i ~ p(τ):
+"Meta-Transfer Learning", AAAI student abstract (``meta_transfer_aaai``), Algorithm 1. One
+model f_θ: a shared feature extractor with an N-way head for the sampled tasks and a C-way
+head over all C base classes (Figure 1). Each iteration, for a batch of tasks τ_i ~ p(τ):
 
     θ_i = θ − α_inner ∇L_τi(f_θ)   for k steps, one per sub-batch of τ_i's examples  (lines 5-6)
     θ_metalearner = θ − α_outer Σ_i ∇L_τi(f_θi)                           (line 7, MAML)
@@ -11,77 +10,40 @@ mini-ImageNet). Each iteration, for a batch of tasks τ_i ~ p(τ):
     θ_discriminator = θ − α_d ∇L_(x,y)(f_θ)                               (line 9, transfer)
     θ ← β θ_metalearner + (1 − β) θ_discriminator                         (line 10)
 
-where L_(x,y) is the C-way cross-entropy over *all* instances of the sampled tasks with
-their base-class labels (the episodes' ``base_support_y`` / ``base_query_y``). Lines 7 and
-9 are both evaluated at the same θ and the two moved copies are averaged with weight β on
-the meta-learner (the paper's convention, used by the config: ``beta``; default 0.9). β = 1 is the plain meta-learner, β = 0 plain transfer learning. θ is every
-parameter: line 9 leaves the N-way head where it is and line 7/8 leaves the C-way head, so
-line 10 moves the N-way head by β times its meta update and the C-way head by (1 − β) times
-its transfer update, as the formula says.
+L_(x,y) is the C-way cross-entropy over all instances of the sampled tasks with their
+base-class labels (``base_support_y`` / ``base_query_y``). Lines 7 and 9 start from the same
+θ; ``beta`` (default 0.9) weighs the meta-learner's copy: β = 1 is the plain meta-learner,
+β = 0 plain transfer. Line 9 leaves the N-way head and line 7/8 the C-way head where they are.
 
-The k inner steps go through :class:`fewshot.inner_loop.InnerLoop`; ``loss_fn`` picks
-sub-batch t at step t. Sub-batches: with ``inner_batch`` = B (default 20, the authors'
-code), the examples are shuffled and cut into k batches of B, reshuffling whenever a pass
-is used up (OpenAI's Reptile mini-batches, which the authors' code builds on); with
-``inner_batch = None``, a random permutation is split into k nearly equal sub-batches (the
-paper's literal "split the examples of the task into k sub-batches"). Which examples:
-MTL+MAML adapts on the support set and takes line 7's loss on the query set (MAML's
-train/test split of a task); MTL+Reptile adapts on all of the task's examples (support and
-query), as Reptile has no query loss.
+Choices where the paper is silent (reasons and the authors' code: ``docs/learners.md``):
 
-The authors' code (github.com/erfaneshrati/meta-transfer-learning, TensorFlow on OpenAI's
-Reptile code; ``supervised_mtl/reptile.py``, ``Reptile.train_metatransfer_step``) differs
-from line 10 as written, and ``mode = "authors"`` (MTL+Reptile only) reproduces it:
+* Σ_i is a mean over the meta-batch: α_outer(paper) = ``lr`` / meta-batch. Each step is plain
+  SGD or Adam (β1 = 0); the transfer Adam keeps its moments across iterations.
+* Sub-batches: ``inner_batch`` = B (20) cuts shuffled passes into k batches of B (OpenAI's
+  Reptile); ``None`` splits a random permutation into k parts. MTL+MAML adapts on the support
+  set and takes line 7's loss on the query set; MTL+Reptile adapts on all of a task's examples.
+* Defaults from the authors' code: Conv-4 (32 filters), zero-initialised heads, k = 10,
+  α_inner = α_d = 1e-3 with Adam; MTL+Reptile interpolates with α_outer = 1 (``anneal_steps``
+  decays it to 0). MTL+MAML is second order (the authors' "MAML" is first order,
+  ``first_order=true``) with SGD inner steps (α_inner = 0.01) and Adam meta steps (1e-3).
+* ``mode = "paper"`` (default): Algorithm 1 as printed; one transfer step on all the tasks'
+  images, line 10's full step, the inner Adam's state new for every task.
+* ``mode = "authors"`` (MTL+Reptile only) reproduces the authors' code
+  (github.com/erfaneshrati/meta-transfer-learning, ``Reptile.train_metatransfer_step``):
+  per task, one transfer step on the C-way loss of its k inner mini-batches gives φ_i and
+  θ_disc = mean_i φ_i; the moved copies are averaged, θ ← ½ θ + ½ (β θ_meta + (1 − β) θ_disc)
+  (half of line 10's step, weights 0.45 / 0.05 at β = 0.9: their hard-coded "0.1"); the inner
+  and transfer Adams keep their state across tasks, so tasks run in sequence on one
+  process (no rank averaging); needs ``bn = "transductive"``. Not reproduced in either mode:
+  TF Adam's ε on the un-corrected √v, tasks' classes drawn with replacement, their
+  evaluation (one query per class, 100 tasks) and curves on the test split.
 
-* for each task τ_i in turn: k inner Adam steps from θ give θ_i; back at θ, *one* transfer
-  step on the C-way loss of the task's k inner mini-batches (concatenated, repeats
-  included) gives φ_i; back at θ. θ_meta = θ + ε mean_i(θ_i − θ), θ_disc = mean_i φ_i.
-* with their hard-coded "β = 0.1" on the transfer copy (our β = 0.9) they average the
-  two *moved* copies, θ + (1 − 0.1)(θ_meta − θ) and θ + 0.1 (θ_disc − θ), so
-      θ ← ½ θ + ½ (β θ_meta + (1 − β) θ_disc)
-  i.e. half of line 10's step: weights 0.45 on the meta move and 0.05 on the transfer
-  move (the same 9 : 1 ratio as β = 0.9 in line 10, half the step).
-* the inner Adam and the transfer Adam are TensorFlow optimisers whose moments (and step
-  counts) are not part of the variables restored to θ, so both keep their state across
-  tasks and iterations. The tasks of an iteration are therefore *sequential* in authors
-  mode (task i's inner steps start from the Adam state task i−1 left); it runs them one
-  after the other on one process (no rank averaging), and needs ``bn = "transductive"``
-  (their BatchNorm always uses batch statistics).
-
-The default ``mode = "paper"`` is Algorithm 1 as printed: one transfer step on all the
-tasks' images, line 10 with the full step, and an inner loop whose Adam state is new for
-every task (tasks independent of each other; a choice: the paper does not say, and the
-authors' code does otherwise, see above). Not reproduced in either mode: the authors' TF
-Adam puts ε on the un-corrected √v (torch.optim.Adam on the corrected one), and their
-sampler draws a task's classes with replacement.
-
-Step sizes and optimisers. ``lr`` is α_outer. The paper writes Σ_i; we use the mean over
-the meta-batch (Reptile's and MAML's batched code), i.e. α_outer(paper) = lr / meta-batch.
-Each update can be the paper's plain gradient step ("sgd") or an Adam step, as the authors'
-code does, where each head's loss has its own Adam with β1 = 0 (the transfer step's Adam
-keeps its moments across iterations; in the default mode the inner loop's Adam starts
-afresh for each task, where the authors' code keeps it, see ``mode = "authors"`` above).
-Defaults (where the 2-page paper is silent, the authors' code): Conv-4 with 32 filters,
-both heads zero-initialised, k = 10 inner steps on batches of 20, α_inner = α_d = 1e-3
-with Adam (β1 = 0), meta-batch 5 and 15 training shots (sampler settings), 100,000
-iterations (the benchmark specs). MTL+Reptile's meta step is plain interpolation with
-α_outer = 1 (optionally annealed linearly to 0 as the Reptile code does, ``anneal_steps``).
-MTL+MAML is second order by default (the paper names MAML; the authors' "MAML" is first
-order, ``first_order=true``) with plain SGD inner steps (α_inner = 0.01, MAML's value; a
-second-order derivative through Adam's g/|g| is ill-conditioned) and Adam meta steps
-(MAML's β = 1e-3). Not copied from that code: sampling a task's classes with replacement
-(our samplers draw without replacement), evaluation with one query per class on 100 tasks,
-curves on the test split.
-
-Evaluation (``predict``, the paper: "for adaptation to a new unseen task, regular
-stochastic gradient descent will be used"): a new zero-initialised N-way head for the
-episode's N (any N: 5, 20, 35 ways), ``eval_steps`` plain SGD steps of size ``eval_lr``
-on mini-batches of at most ``eval_batch`` support examples (all parameters adapt), then
-the query logits. BatchNorm: the ``bn`` policy of the inner loop, "transductive" by
-default (Reptile's and MAML's reference behaviour: batch statistics in training and test);
-under "per_step" (MTL+MAML only) fine-tuning step s reads the training loop's statistics of
-step min(s, k). MTL+Reptile refuses "per_step", and "running" at β = 1: Reptile's side has no
-forward after the inner steps, so nothing would learn those statistics.
+Evaluation (``predict``; the paper: "regular stochastic gradient descent"): a new
+zero-initialised N-way head for the episode's N, ``eval_steps`` SGD steps of ``eval_lr`` on
+mini-batches of at most ``eval_batch`` support examples (all parameters adapt), then the
+query logits. BatchNorm follows ``bn`` ("transductive" by default); under "per_step" (MTL+MAML
+only) fine-tuning step s reads the training statistics of step min(s, k). MTL+Reptile refuses
+"per_step", and "running" at β = 1 (nothing on Reptile's side would learn those statistics).
 """
 from __future__ import annotations
 
@@ -111,7 +73,7 @@ def sub_batches(n: int, k: int, batch: Optional[int], generator: torch.Generator
 
     ``batch=None``: a random permutation split into k nearly equal parts (needs k <= n).
     ``batch=B``: k batches of B from shuffled passes over the examples, reshuffled when
-    used up (Reptile's mini-batches, :func:`fewshot.learners.reptile.minibatch_indices`);
+    used up (Reptile's mini-batches, :func:`fewshot.learners.common.minibatch_indices`);
     needs B <= n.
     """
     if batch is None:
