@@ -27,7 +27,7 @@ from torch import Tensor
 
 from fewshot.learners.base import Learner, LearnerConfig
 from fewshot.learners.common import (check_batch, check_episode, check_lr_halve_every,
-                                     halve_lr_every, mean_episode_update, prototypes,
+                                     eval_mode, halve_lr_every, mean_episode_update, prototypes,
                                      squared_euclidean_logits)
 from fewshot.learners.registry import register_learner
 
@@ -99,10 +99,5 @@ class ProtoNet(Learner):
         whatever mode the caller left the learner in.
         """
         check_episode(self, episode)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                return self.episode_logits(episode)
-        finally:
-            self.train(was_training)
+        with eval_mode(self), torch.no_grad():
+            return self.episode_logits(episode)

@@ -36,7 +36,7 @@ from torch import Tensor
 from fewshot.errors import ConfigError
 from fewshot.learners.base import Learner, LearnerConfig
 from fewshot.learners.common import (check_batch, check_episode, class_sums, halve_lr_every, mean_episode_update,
-                                     positive_float, positive_int)
+                                     eval_mode, positive_float, positive_int)
 from fewshot.learners.registry import register_learner
 
 __all__ = ["RelationNet"]
@@ -124,10 +124,5 @@ class RelationNet(Learner):
         whatever mode the caller left the learner in.
         """
         check_episode(self, episode)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                return self.episode_scores(episode)
-        finally:
-            self.train(was_training)
+        with eval_mode(self), torch.no_grad():
+            return self.episode_scores(episode)
