@@ -15,16 +15,7 @@ from fewshot.nn import build_backbone
 T, S, Q, WAYS = 3, 6, 4, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread (restored after): OpenMP threads contending on a shared small
-    machine made these tiny convolutions many times slower (as tests/learners/conftest.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def conv4():

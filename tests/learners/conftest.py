@@ -136,19 +136,6 @@ def fit_and_score(learner, glyph_data, *, steps, meta_batch=1, test_episodes=30,
 
 
 @pytest.fixture
-def one_thread():
-    """Run a test with one intra-op thread (restored after): on the shared 2-core machine,
-    OpenMP threads contending with other processes made small convolutions up to 20x
-    slower. Used by the classic learners' tests through ``pytestmark``."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def learn_glyphs(glyphs):
     """``learn_glyphs(learner, steps=, meta_batch=)`` -> (accuracy before, after); see
     :func:`fit_and_score`.
