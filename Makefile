@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export MALLOC_MMAP_THRESHOLD_ ?= 1000000000
 export MALLOC_TRIM_THRESHOLD_ ?= 1000000000
 
-.PHONY: setup demo test test-fast bench-perf clean
+.PHONY: setup demo test test-fast bench-perf bench-gpu clean
 
 setup: .venv/.done
 
@@ -20,6 +20,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
+
+# issue 11's GPU figures (< 5 min on one CUDA GPU): benchmarks/results/gpu.{json,md}
+bench-gpu: setup
+	$(PY) benchmarks/perf/gpu.py --device cuda
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -152,7 +152,7 @@ def evaluate_topk(run_dir: Path, ks=(1, 5), batch_size=256):
 
     from fewshot.data.store import open_split
     from fewshot.learners.standard import topk_correct
-    from fewshot.train import open_run
+    from fewshot.run import open_run
 
     run = open_run(run_dir)
     learner, step, _ = run.load_learner("last")
@@ -304,11 +304,12 @@ def run_direct(spec_path, out_dir, quick=False, only=None):
 
     from fewshot.bench import _slug as bench_slug
     from fewshot.bench import load_spec
-    from fewshot.config import atomic_write_text, config_from_dict
+    from fewshot.atomic import atomic_write_text
+    from fewshot.config import config_from_dict
     from fewshot.data.store import open_split
     from fewshot.errors import ConfigError
     from fewshot.learners.standard import topk_correct
-    from fewshot.train import build_learner, seed_everything
+    from fewshot.run import build_learner, seed_everything
 
     from fewshot.data.supervised import TaskPairBatch
     spec = load_spec(spec_path, quick=quick)

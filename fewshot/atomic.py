@@ -26,3 +26,10 @@ def atomic_output(path: Union[str, os.PathLike], mode: str = "wb") -> Iterator[I
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: Union[str, os.PathLike], text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_output`)."""
+    with atomic_output(path, "w") as fh:
+        fh.write(text)
+    return Path(path)

@@ -57,9 +57,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from fewshot.config import atomic_write_text, config_from_dict, config_hash, tomllib
+from fewshot.atomic import atomic_write_text
+from fewshot.config import config_from_dict, config_hash, tomllib
+from fewshot.data.store import open_split
 from fewshot.errors import ConfigError, FewShotError, closest
+from fewshot.evaluation import check_grid, evaluate_run
+from fewshot.learners import get_learner
 from fewshot.report import mean_ci
+from fewshot.run import open_run
+from fewshot.trainer import Trainer
 
 __all__ = ["BenchSpec", "load_spec", "run_bench", "BenchResult"]
 
@@ -107,31 +113,9 @@ def _merge(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def load_spec(path, quick: bool = False) -> BenchSpec:
-    """Read a bench spec; with ``quick`` apply its [quick] table. Unknown keys are errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"bench spec {path} not found; give a TOML file such as "
-                          f"benchmarks/quickstart.toml")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"bench spec {path} is not valid TOML: {e}") from None
-    for k in raw:
-        if k not in SPEC_KEYS:
-            raise ConfigError(f"unknown key '{k}' in bench spec {path}.{closest(k, SPEC_KEYS)} "
-                              f"Valid keys: {', '.join(SPEC_KEYS)}")
-    learners_raw = raw.get("learners")
-    if not isinstance(learners_raw, list) or not learners_raw:
-        raise ConfigError(f"bench spec {path} lists no learners; add [[learners]] tables with name = ...")
-    quick_raw = raw.get("quick", {})
-    if quick:
-        if not quick_raw:
-            raise ConfigError(f"bench spec {path} has no [quick] table; run without --quick or add one")
-        for k in quick_raw:
-            if k not in ("seeds", "data", "train", "eval", "learners", "out"):
-                raise ConfigError(f"unknown key 'quick.{k}' in bench spec {path}."
-                                  f"{closest(k, ['seeds', 'data', 'train', 'eval', 'learners', 'out'])}")
+def _entries(path, learners_raw, quick_raw) -> List[BenchEntry]:
+    """The [[learners]] of a spec, each with its [quick] overrides when ``quick_raw`` is given."""
+    quick = quick_raw is not None
     entries = []
     labels = set()
     for i, lr in enumerate(learners_raw):
@@ -159,6 +143,35 @@ def load_spec(path, quick: bool = False) -> BenchSpec:
             # precedence: [train] < learner train < [quick] train < quick.learners.<label>.train
             e.train = _merge(_merge(e.train, quick_raw.get("train", {})), q.get("train", {}))
         entries.append(e)
+    return entries
+
+
+def load_spec(path, quick: bool = False) -> BenchSpec:
+    """Read a bench spec; with ``quick`` apply its [quick] table. Unknown keys are errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"bench spec {path} not found; give a TOML file such as "
+                          f"benchmarks/quickstart.toml")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"bench spec {path} is not valid TOML: {e}") from None
+    for k in raw:
+        if k not in SPEC_KEYS:
+            raise ConfigError(f"unknown key '{k}' in bench spec {path}.{closest(k, SPEC_KEYS)} "
+                              f"Valid keys: {', '.join(SPEC_KEYS)}")
+    learners_raw = raw.get("learners")
+    if not isinstance(learners_raw, list) or not learners_raw:
+        raise ConfigError(f"bench spec {path} lists no learners; add [[learners]] tables with name = ...")
+    quick_raw = raw.get("quick", {})
+    if quick:
+        if not quick_raw:
+            raise ConfigError(f"bench spec {path} has no [quick] table; run without --quick or add one")
+        for k in quick_raw:
+            if k not in ("seeds", "data", "train", "eval", "learners", "out"):
+                raise ConfigError(f"unknown key 'quick.{k}' in bench spec {path}."
+                                  f"{closest(k, ['seeds', 'data', 'train', 'eval', 'learners', 'out'])}")
+    entries = _entries(path, learners_raw, quick_raw if quick else None)
     base = {k: dict(raw.get(k, {})) for k in ("data", "train", "eval")}
     seeds = raw.get("seeds", [0])
     out = raw.get("out", f"runs/{_slug(raw.get('name', path.stem))}")
@@ -294,8 +307,6 @@ def _reusable(run_dir: Path, cfg) -> str:
         return "absent"
     if not (run_dir / "config.toml").is_file():
         return "conflict"
-    from fewshot.train import open_run
-
     try:
         run = open_run(run_dir)
     except FewShotError:
@@ -325,9 +336,6 @@ def _same_grid(grid, cfg) -> bool:
 def run_bench(spec_path, *, quick: bool = False, out: Optional[str] = None, force: bool = False,
               device: Optional[str] = None, quiet: bool = False, echo=print) -> BenchResult:
     """Train and evaluate every learner x seed of a spec and write the report."""
-    from fewshot.api import evaluate_run
-    from fewshot.train import Trainer, open_run
-
     spec = load_spec(spec_path, quick=quick)
     out_dir = Path(out or spec.out)
     # 1. every config built and checked before any training
@@ -373,7 +381,7 @@ def run_bench(spec_path, *, quick: bool = False, out: Optional[str] = None, forc
     atomic_write_text(out_dir / "bench.csv", result.csv())
     md = result.markdown()
     atomic_write_text(out_dir / "bench.md", md)
-    from fewshot.plots import plot_bench
+    from fewshot.plots import plot_bench  # matplotlib: optional, and slow to import
 
     plot_bench({lab: {c: (st["mean"], st["ci95"]) for c, st in row.items()}
                 for lab, row in result.table.items()}, out_dir / "plots" / "bench.png",
@@ -383,11 +391,6 @@ def run_bench(spec_path, *, quick: bool = False, out: Optional[str] = None, forc
 
 def _check_grids(plan) -> None:
     """The evaluation grid and training tasks of every planned run, against the splits."""
-    from fewshot.data.store import open_split
-    from fewshot.evaluate import check_grid
-
-    from fewshot.learners import get_learner
-
     seen = set()
     for e, seed, cfg, _ in plan:
         if get_learner(cfg.learner.name).input_kind == "supervised":
@@ -406,6 +409,26 @@ def _check_grids(plan) -> None:
 
 
 def _aggregate(spec, out_dir, grids, seconds, runs) -> BenchResult:
+    """Seed-averaged cells per learner, each learner's paired difference to the first."""
+    cells = _all_cells(grids)
+    table: Dict[str, Dict[Tuple[int, int], Dict[str, Any]]] = {}
+    per_episode: Dict[str, Dict[Tuple[int, int], np.ndarray]] = {}
+    notes = {}
+    for label, gl in grids.items():
+        notes[label] = {"fine_tunes": any(g.fine_tunes for g in gl),
+                        "transductive_bn": any(g.transductive_bn for g in gl),
+                        "skipped": {k: v for g in gl for k, v in g.extra.get("skipped", {}).items()}}
+        table[label], per_episode[label] = {}, {}
+        for key in cells:
+            cs = [g.cell(*key) for g in gl if key in {c.key for c in g.cells}]
+            if cs:
+                table[label][key], per_episode[label][key] = _cell_stats(label, key, cs)
+    _paired_differences(table, per_episode)
+    return BenchResult(spec, out_dir, cells, table, runs, seconds, notes)
+
+
+def _all_cells(grids) -> List[Tuple[int, int]]:
+    """Every (ways, shots) cell evaluated or skipped by any run, sorted."""
     cells = []
     for gl in grids.values():
         for g in gl:
@@ -414,60 +437,50 @@ def _aggregate(spec, out_dir, grids, seconds, runs) -> BenchResult:
             for key in keys:
                 if key not in cells:
                     cells.append(key)
-    cells.sort()
-    table: Dict[str, Dict[Tuple[int, int], Dict[str, Any]]] = {}
-    per_episode: Dict[str, Dict[Tuple[int, int], np.ndarray]] = {}
-    notes = {}
-    for label, gl in grids.items():
-        row, pe = {}, {}
-        notes[label] = {"fine_tunes": any(g.fine_tunes for g in gl),
-                        "transductive_bn": any(g.transductive_bn for g in gl),
-                        "skipped": {k: v for g in gl for k, v in g.extra.get("skipped", {}).items()}}
-        for key in cells:
-            cs = []
-            for g in gl:
-                try:
-                    cs.append(g.cell(*key))
-                except KeyError:
-                    pass
-            if not cs:
-                continue
-            specs = {json.dumps(c.spec(), sort_keys=True) for c in cs}
-            if len(specs) > 1:
-                raise FewShotError(f"bench: the seeds of '{label}' were evaluated on different "
-                                   f"{key[0]}-way {key[1]}-shot episodes; re-run with --force")
-            acc = np.mean([c.accuracies for c in cs], axis=0)
-            m, sd, ci = mean_ci(acc)
-            seed_means = [c.mean for c in cs]
-            row[key] = {"mean": m, "ci95": ci, "episodes": int(acc.size), "seeds": len(cs),
-                        "seed_std": float(np.std(seed_means, ddof=1)) if len(cs) > 1 else None,
-                        "fingerprint": cs[0].fingerprint, "vs_first": None}
-            # extra metrics of the same samples (supervised top-5): seed-averaged per sample
-            for name in dict.fromkeys(n for c in cs for n in c.metrics):
-                if not all(name in c.metrics for c in cs):
-                    continue
-                vals = np.mean([c.metrics[name] for c in cs], axis=0)
-                mm, _, mci = mean_ci(vals)
-                per_seed = [float(np.mean(c.metrics[name])) for c in cs]
-                row[key].setdefault("metrics", {})[name] = {
-                    "mean": mm, "ci95": mci,
-                    "seed_std": float(np.std(per_seed, ddof=1)) if len(cs) > 1 else None}
-            pe[key] = acc
-        table[label] = row
-        per_episode[label] = pe
+    return sorted(cells)
+
+
+def _cell_stats(label, key, cs) -> Tuple[Dict[str, Any], np.ndarray]:
+    """One learner's cell over its seeds: per-episode accuracies averaged over the seeds (the
+    seeds saw the same episodes), mean ± 95% CI, the spread of the seed means, extra metrics."""
+    specs = {json.dumps(c.spec(), sort_keys=True) for c in cs}
+    if len(specs) > 1:
+        raise FewShotError(f"bench: the seeds of '{label}' were evaluated on different "
+                           f"{key[0]}-way {key[1]}-shot episodes; re-run with --force")
+    acc = np.mean([c.accuracies for c in cs], axis=0)
+    m, sd, ci = mean_ci(acc)
+    seed_means = [c.mean for c in cs]
+    stats = {"mean": m, "ci95": ci, "episodes": int(acc.size), "seeds": len(cs),
+             "seed_std": float(np.std(seed_means, ddof=1)) if len(cs) > 1 else None,
+             "fingerprint": cs[0].fingerprint, "vs_first": None}
+    # extra metrics of the same samples (supervised top-5): seed-averaged per sample
+    for name in dict.fromkeys(n for c in cs for n in c.metrics):
+        if not all(name in c.metrics for c in cs):
+            continue
+        vals = np.mean([c.metrics[name] for c in cs], axis=0)
+        mm, _, mci = mean_ci(vals)
+        per_seed = [float(np.mean(c.metrics[name])) for c in cs]
+        stats.setdefault("metrics", {})[name] = {
+            "mean": mm, "ci95": mci,
+            "seed_std": float(np.std(per_seed, ddof=1)) if len(cs) > 1 else None}
+    return stats, acc
+
+
+def _paired_differences(table, per_episode) -> None:
+    """``vs_first`` of every learner after the first: the paired per-episode difference."""
     labels = list(table)
-    if len(labels) > 1:
-        first = labels[0]
-        fp = {k: st["fingerprint"] for k, st in table[first].items()}
-        for label in labels[1:]:
-            for key, st in table[label].items():
-                if key not in per_episode[first]:
-                    continue
-                if st["fingerprint"] != fp[key]:
-                    raise FewShotError(f"bench: '{label}' and '{first}' were evaluated on different "
-                                       f"{key[0]}-way {key[1]}-shot episodes; re-run with --force")
-                d = per_episode[label][key] - per_episode[first][key]
-                m, sd, ci = mean_ci(d)
-                st["vs_first"] = {"diff": m, "ci95": ci,
-                                  "significant": bool(not math.isnan(ci) and abs(m) > ci)}
-    return BenchResult(spec, out_dir, cells, table, runs, seconds, notes)
+    if len(labels) < 2:
+        return
+    first = labels[0]
+    fp = {k: st["fingerprint"] for k, st in table[first].items()}
+    for label in labels[1:]:
+        for key, st in table[label].items():
+            if key not in per_episode[first]:
+                continue
+            if st["fingerprint"] != fp[key]:
+                raise FewShotError(f"bench: '{label}' and '{first}' were evaluated on different "
+                                   f"{key[0]}-way {key[1]}-shot episodes; re-run with --force")
+            d = per_episode[label][key] - per_episode[first][key]
+            m, sd, ci = mean_ci(d)
+            st["vs_first"] = {"diff": m, "ci95": ci,
+                              "significant": bool(not math.isnan(ci) and abs(m) > ci)}

@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import torch
 
+from fewshot.atomic import atomic_output
 from fewshot.errors import CheckpointError
 
 FORMAT = "fewshot-checkpoint"
@@ -35,8 +36,6 @@ __all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "rng_state
 
 def atomic_torch_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
     """``torch.save(obj)`` to ``path`` atomically (:func:`fewshot.atomic.atomic_output`)."""
-    from fewshot.atomic import atomic_output
-
     with atomic_output(path, "wb") as fh:
         torch.save(obj, fh)
     return Path(path)

@@ -10,11 +10,14 @@
                  [--split test] [--seed N] [--checkpoint best|last]
     fewshot bench SPEC.toml [--quick] [--out DIR] [--force]
     fewshot compare RUN_A RUN_B
-    fewshot embed RUN_DIR [--ways 5] [--shots 5] [--episode 0] [--method auto|tsne|pca]
+    fewshot embed RUN_DIR [--ways 5] [--shots 5] [--episode 0] [--method tsne|pca]
 
 Every :class:`~fewshot.errors.FewShotError` is printed as one line on stderr and the exit
 status is 2; ``--debug`` (before the command) shows the traceback instead. An interrupted
 ``train`` (Ctrl-C / SIGTERM) writes its checkpoint and exits with 130 / 143.
+
+Each command imports what it runs inside its function, so that ``fewshot --help`` and
+``fewshot data info`` start without loading torch and every learner.
 """
 from __future__ import annotations
 
@@ -60,7 +63,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     sub.required = True
+    _add_data_parser(sub)
 
+    ls = sub.add_parser("learners", help="registered learners, papers and hyper-parameters")
+    ls.add_argument("name", nargs="?", help="show one learner's options in full")
+
+    c = sub.add_parser("config", help="show a resolved config or document every key")
+    c.add_argument("config", nargs="?", help="CONFIG.toml")
+    c.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    c.add_argument("--explain", action="store_true", help="document every config key")
+    _add_train_parser(sub)
+
+    e = sub.add_parser("eval", help="evaluate a run on an N-way K-shot grid of fixed episodes")
+    e.add_argument("run_dir")
+    e.add_argument("--ways", type=_int_list, help="e.g. 5,20 (default: the run's eval.ways)")
+    e.add_argument("--shots", type=_int_list, help="e.g. 1,5 (default: the run's eval.shots)")
+    e.add_argument("--queries", type=int, help="queries per class (default 15)")
+    e.add_argument("--episodes", type=int, help="episodes per cell (default 600)")
+    e.add_argument("--split", help="split to evaluate (default: the run's test split)")
+    e.add_argument("--seed", type=int, help="seed of the episodes (default: the run's eval.seed)")
+    e.add_argument("--checkpoint", choices=["best", "last"], help="weights to evaluate")
+    e.add_argument("--device", help="auto, cpu, cuda")
+    e.add_argument("--quiet", action="store_true")
+    _add_bench_parser(sub)
+
+    cp = sub.add_parser("compare", help="paired per-cell differences of two evaluated runs")
+    cp.add_argument("run_a")
+    cp.add_argument("run_b")
+    cp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    em = sub.add_parser("embed", help="2-D projection of support/query embeddings of test episodes")
+    em.add_argument("run_dir")
+    em.add_argument("--ways", type=int, default=5)
+    em.add_argument("--shots", type=int, default=5)
+    em.add_argument("--queries", type=int, default=15)
+    em.add_argument("--episode", type=int, default=0, help="which fixed test episode")
+    em.add_argument("--split", help="split (default: the run's test split)")
+    em.add_argument("--method", choices=["tsne", "pca"], default="tsne",
+                    help="2-D projection: t-SNE (default, seeded) or PCA")
+    em.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    em.add_argument("--out", help="PNG path (default RUN_DIR/plots/embedding.png)")
+    return p
+
+
+def _add_data_parser(sub) -> None:
+    """``fewshot data prepare|info|verify|download``."""
     d = sub.add_parser("data", help="prepare, inspect, verify or download datasets")
     dsub = d.add_subparsers(dest="data_command", parser_class=_Parser, metavar="ACTION")
     dsub.required = True
@@ -78,14 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--opt", action="append", type=_kv, default=[], metavar="KEY=VALUE",
                            help="converter option (repeatable), e.g. --opt split=vinyals")
 
-    ls = sub.add_parser("learners", help="registered learners, papers and hyper-parameters")
-    ls.add_argument("name", nargs="?", help="show one learner's options in full")
 
-    c = sub.add_parser("config", help="show a resolved config or document every key")
-    c.add_argument("config", nargs="?", help="CONFIG.toml")
-    c.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
-    c.add_argument("--explain", action="store_true", help="document every config key")
-
+def _add_train_parser(sub) -> None:
+    """``fewshot train``."""
     t = sub.add_parser("train", help="train a learner from a TOML config")
     t.add_argument("config", nargs="?", help="CONFIG.toml")
     t.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
@@ -95,21 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help="training seed (= --set train.seed=N)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     t.add_argument("--force", action="store_true", help="replace an existing run directory")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
     t.add_argument("--no-eval", action="store_true", help="skip the [eval] grid after training")
 
-    e = sub.add_parser("eval", help="evaluate a run on an N-way K-shot grid of fixed episodes")
-    e.add_argument("run_dir")
-    e.add_argument("--ways", type=_int_list, help="e.g. 5,20 (default: the run's eval.ways)")
-    e.add_argument("--shots", type=_int_list, help="e.g. 1,5 (default: the run's eval.shots)")
-    e.add_argument("--queries", type=int, help="queries per class (default 15)")
-    e.add_argument("--episodes", type=int, help="episodes per cell (default 600)")
-    e.add_argument("--split", help="split to evaluate (default: the run's test split)")
-    e.add_argument("--seed", type=int, help="seed of the episodes (default: the run's eval.seed)")
-    e.add_argument("--checkpoint", choices=["best", "last"], help="weights to evaluate")
-    e.add_argument("--device", help="auto, cpu, cuda")
-    e.add_argument("--quiet", action="store_true")
 
+def _add_bench_parser(sub) -> None:
+    """``fewshot bench``."""
     b = sub.add_parser("bench", help="several learners x seeds on the same episodes, one report")
     b.add_argument("spec", help="SPEC.toml (e.g. benchmarks/quickstart.toml)")
     b.add_argument("--quick", action="store_true", help="the spec's short CPU version")
@@ -117,23 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="retrain runs that exist")
     b.add_argument("--device", help="auto, cpu, cuda")
     b.add_argument("--quiet", action="store_true")
-
-    cp = sub.add_parser("compare", help="paired per-cell differences of two evaluated runs")
-    cp.add_argument("run_a")
-    cp.add_argument("run_b")
-    cp.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-    em = sub.add_parser("embed", help="2-D projection of support/query embeddings of test episodes")
-    em.add_argument("run_dir")
-    em.add_argument("--ways", type=int, default=5)
-    em.add_argument("--shots", type=int, default=5)
-    em.add_argument("--queries", type=int, default=15)
-    em.add_argument("--episode", type=int, default=0, help="which fixed test episode")
-    em.add_argument("--split", help="split (default: the run's test split)")
-    em.add_argument("--method", choices=["auto", "tsne", "pca"], default="auto")
-    em.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    em.add_argument("--out", help="PNG path (default RUN_DIR/plots/embedding.png)")
-    return p
 
 
 # ----------------------------------------------------------------------------- commands
@@ -283,7 +299,7 @@ def _train_device(args) -> str:
 
 
 def _train(args) -> int:
-    from fewshot.train import Trainer
+    from fewshot.trainer import Trainer
 
     overrides = list(args.overrides)
     if args.device:
@@ -316,8 +332,8 @@ def _train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from fewshot.api import evaluate_run
-    from fewshot.train import open_run
+    from fewshot.evaluation import evaluate_run
+    from fewshot.run import open_run
 
     run = open_run(args.run_dir)
     grid = evaluate_run(run, ways=args.ways, shots=args.shots, queries=args.queries,
@@ -351,7 +367,7 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_embed(args) -> int:
-    from fewshot.api import embed
+    from fewshot.embedding import embed
 
     path, method = embed(args.run_dir, ways=args.ways, shots=args.shots, queries=args.queries,
                          episode=args.episode, split=args.split, method=args.method,
@@ -380,7 +396,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args._argv = argv
         return COMMANDS[args.command](args)
     except FewShotError as e:
-        from fewshot.train import Interrupted
+        from fewshot.trainer import Interrupted
 
         if isinstance(e, Interrupted):
             print(f"fewshot: {e}", file=sys.stderr)

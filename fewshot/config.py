@@ -33,10 +33,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from fewshot.atomic import atomic_write_text
 from fewshot.errors import ConfigError, closest
+from fewshot.learners import get_learner
 
 __all__ = [
-    "DataConfig", "LearnerSection", "TaskSpec", "TrainConfig", "EvalConfig", "RunConfig",
+    "DataConfig", "LearnerSection", "TrainConfig", "EvalConfig", "RunConfig",
     "load_config", "config_from_dict", "apply_overrides", "parse_override", "dump_toml",
     "save_config", "config_hash", "explain", "check_type", "learner_options",
 ]
@@ -64,15 +66,6 @@ class DataConfig:
                                          "disk; unset: in memory when the store fits")
     augment: Optional[str] = _f(None, "training augmentation preset passed to the sampler "
                                       "(e.g. 'cifar', 'tiny'); unset: none")
-
-
-@dataclass
-class TaskSpec:
-    """A task shape: N ways, K shots, Q queries per class (lists = drawn per episode)."""
-
-    ways: Union[int, List[int]] = _f(5, "classes per task (a list: drawn per episode)")
-    shots: Union[int, List[int]] = _f(1, "support examples per class (a list: drawn per episode)")
-    queries: int = _f(15, "query examples per class")
 
 
 @dataclass
@@ -192,68 +185,70 @@ def _coerce(value, tp):
             return None
         raise _Mismatch
     if origin is Union:
-        args = typing.get_args(tp)
-        # exact-type members first so 5 stays int in Union[int, List[int]] and 0.5 float in Union[int, float]
-        for a in args:
-            if a in (int, float, str, bool) and type(value) is a:
-                return value
-        for a in args:
-            try:
-                return _coerce(value, a)
-            except _Mismatch:
-                continue
-        raise _Mismatch
+        return _coerce_union(value, typing.get_args(tp))
     if origin is typing.Literal:
         if value in typing.get_args(tp):
             return value
         raise _Mismatch
-    if origin in (list, List, Sequence):
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        (inner,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, inner) for v in value]
-    if origin in (tuple, Tuple):
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0]) for v in value)
-        if args and len(args) != len(value):
-            raise _Mismatch
-        return tuple(_coerce(v, a) for v, a in zip(value, args)) if args else tuple(value)
+    if origin in (list, List, Sequence, tuple, Tuple):
+        return _coerce_sequence(value, tp, origin)
     if origin in (dict, Dict, Mapping) or tp is dict:
         if not isinstance(value, dict):
             raise _Mismatch
         return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
+    return _coerce_plain(value, tp)
+
+
+def _coerce_union(value, args):
+    # exact-type members first so 5 stays int in Union[int, List[int]] and 0.5 float in Union[int, float]
+    for a in args:
+        if a in (int, float, str, bool) and type(value) is a:
             return value
+    for a in args:
+        try:
+            return _coerce(value, a)
+        except _Mismatch:
+            continue
+    raise _Mismatch
+
+
+def _coerce_sequence(value, tp, origin):
+    """List[T] / Sequence[T] -> list; Tuple[T, ...] / Tuple[A, B] -> tuple of that shape."""
+    if not isinstance(value, (list, tuple)):
         raise _Mismatch
-    if tp is int:
-        if isinstance(value, bool):
-            raise _Mismatch
-        if isinstance(value, int):
-            return value
+    args = typing.get_args(tp)
+    if origin in (list, List, Sequence):
+        (inner,) = args or (Any,)
+        return [_coerce(v, inner) for v in value]
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(v, args[0]) for v in value)
+    if args and len(args) != len(value):
         raise _Mismatch
-    if tp is float:
-        if isinstance(value, bool):
-            raise _Mismatch
-        if isinstance(value, (int, float)):
-            return float(value)
+    return tuple(_coerce(v, a) for v, a in zip(value, args)) if args else tuple(value)
+
+
+def _coerce_plain(value, tp):
+    """bool, int (never from a bool), float (from an int too), str, list and other classes."""
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp in (int, float) and isinstance(value, bool):
         raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    if tp is list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
+    if tp is int and isinstance(value, int):
+        return value
+    if tp is float and isinstance(value, (int, float)):
+        return float(value)
+    if tp is str and isinstance(value, str):
+        return value
+    if tp is list and isinstance(value, (list, tuple)):
+        return list(value)
+    if tp in (bool, int, float, str, list):
         raise _Mismatch
     if isinstance(tp, type):
         if isinstance(value, tp):
             return value
         raise _Mismatch
     return value
+
 
 
 def check_type(key: str, value, tp, where: str = "") -> Any:
@@ -295,8 +290,6 @@ def learner_options(name: str, options: Mapping[str, Any], where: str = ""):
     Returns the Config instance. Raises :class:`ConfigError` for an unknown learner name,
     an unknown option (with the closest match) or a value of the wrong type.
     """
-    from fewshot.learners import get_learner
-
     cls = get_learner(name)
     Cfg = cls.Config
     hints = _hints(Cfg)
@@ -314,6 +307,18 @@ def learner_options(name: str, options: Mapping[str, Any], where: str = ""):
         raise ConfigError(f"learner '{name}': {e}") from None
     cfg.validate()
     return cfg
+
+
+def _validate_amp(cfg: RunConfig) -> None:
+    """Autocast only for learners that declare it safe (no second-order or fine-tuned
+    gradients); fp16 on a CPU-only config is refused here, on a CPU-only machine by the trainer."""
+    t = cfg.train
+    if t.amp != "off" and not getattr(get_learner(cfg.learner.name), "supports_autocast", False):
+        raise ConfigError(f"train.amp = {t.amp!r}: learner '{cfg.learner.name}' does not "
+                          f"declare autocast safe (second-order or fine-tuned gradients); "
+                          f"set train.amp = \"off\"")
+    if t.amp == "fp16" and t.device == "cpu":
+        raise ConfigError("train.amp = 'fp16' needs a CUDA device; use 'bf16' on CPU")
 
 
 def _validate(cfg: RunConfig, where: str) -> None:
@@ -352,6 +357,7 @@ def _validate(cfg: RunConfig, where: str) -> None:
                           f"{t.device!r}{src}")
     if t.amp not in ("off", "bf16", "fp16"):
         raise ConfigError(f"config key 'train.amp' must be off, bf16 or fp16, found {t.amp!r}{src}")
+    _validate_amp(cfg)
     if not (t.lr_gamma > 0) or math.isnan(t.lr_gamma):
         raise ConfigError(f"config key 'train.lr_gamma' must be > 0, found {t.lr_gamma}{src}")
     if not e.ways or not e.shots:
@@ -403,8 +409,6 @@ def _link_learner_task(out: RunConfig, train_raw: Mapping[str, Any], lraw: Dict[
     """Keep the learner's own ``ways`` / ``meta_batch`` options (e.g. MAML's N-way head) and
     [train] consistent: a value given on one side only is copied to the other; two
     different explicit values are an error."""
-    from fewshot.learners import get_learner
-
     names = {f.name for f in fields(get_learner(out.learner.name).Config)}
     src = f" ({where})" if where else ""
     for key in ("ways", "meta_batch"):
@@ -537,15 +541,6 @@ def dump_toml(data: Mapping[str, Mapping[str, Any]], header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def atomic_write_text(path: Union[str, os.PathLike], text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (:func:`fewshot.atomic.atomic_output`)."""
-    from fewshot.atomic import atomic_output
-
-    with atomic_output(path, "w") as fh:
-        fh.write(text)
-    return Path(path)
-
-
 def save_config(cfg: RunConfig, path: Union[str, os.PathLike]) -> Path:
     """Write the resolved config (every key, defaults included) as TOML, atomically."""
     header = "Resolved fewshot config (every key, defaults filled in).\n" \
@@ -558,19 +553,26 @@ NON_SEMANTIC = {("train", "episodes"), ("train", "epochs"), ("train", "quiet"),
                 ("train", "log_every"), ("train", "checkpoint_every"), ("train", "device"),
                 ("train", "threads"), ("train", "val_every"), ("data", "root"),
                 ("data", "in_memory")}
+#: learner options that choose how a step is computed, not what it computes (task batching
+#: gives the sequential meta-gradients to float rounding): left out of the hash like the device
+NON_SEMANTIC_LEARNER = {"task_batching"}
 
 
 def config_hash(cfg: RunConfig) -> str:
     """SHA-256 (first 16 hex digits) of everything in the config that shapes the weights.
 
     The [eval] table and the keys in :data:`NON_SEMANTIC` (run length, logging, device,
-    data location) are left out, so a run may be resumed with more episodes or on
+    data location) and :data:`NON_SEMANTIC_LEARNER` are left out, so a run may be resumed with more episodes or on
     another device.
     """
     d = cfg.to_dict()
     d.pop("eval")
     for table, key in NON_SEMANTIC:
         d[table].pop(key, None)
+    for key in NON_SEMANTIC_LEARNER:
+        d["learner"].pop(key, None)
+        if isinstance(d["learner"].get("options"), dict):
+            d["learner"]["options"].pop(key, None)
     text = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -11,34 +11,13 @@ torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MA
 group with a finite timeout and picks the device. Without those variables everything here
 is the single-process identity: rank 0 of a world of 1, collectives are no-ops.
 
-What each part of a run does across W ranks
-===========================================
-
-Episodic meta-training (MAML, ProtoNet, ..., L2G).
-    The meta-objective of a step is the mean over a meta-batch of T tasks,
-    ``L(θ) = 1/T Σ_{t=1..T} L_t(θ)`` (MAML eq. 6 / Algorithm 1 line 10 and every learner's
-    meta-batch mean). With ``T = W·M`` (:func:`split_meta_batch`), rank r takes M tasks and
-    computes ``g_r = ∇θ 1/M Σ_{t∈r} L_t(θ)``; :func:`all_reduce_mean_grads` (called by
-    ``Learner.outer_step`` before every optimiser step) replaces each g_r by
-    ``1/W Σ_r g_r = ∇θ 1/(W·M) Σ_t L_t(θ)``, the gradient of the global meta-batch, so every
-    rank applies the same update and parameters stay identical. The ``higher`` inner loop
-    does not go through DDP's module wrapper, hence the explicit all-reduce.
-    Each rank draws its own episodes from ``rank_seed(seed, rank)``.
-
-Supervised training (MLTP, standard).
-    Every rank draws the *same* permutation of the training set (the global seed, like
-    ``DistributedSampler``); a global minibatch of B rows is split by the paper into
-    task_i = rows [0, B/2) and task_j = rows [B/2, B) (MLTP Algorithm 1). The trainer's
-    ``SupervisedAdapter(rank=r, world_size=W)`` gives rank r the strided rows r, r+W, ... of
-    task_i and of task_j (B/(2W) of each); for a batch already in memory,
-    :func:`split_supervised_batch` takes the contiguous rows ``[r·b, (r+1)·b)`` of each half
-    (``b = B/(2W)``). Either way a rank's two halves are sub-batches of the paper's task_i and
-    task_j and the W ranks together cover the global minibatch exactly once.
-
-Evaluation.
-    Rank r evaluates the fixed episodes r, r+W, r+2W, ... (:func:`shard`);
-    :func:`gather_per_episode` puts the per-episode accuracies back in episode order on
-    every rank, so the table (means, 95% intervals) is the single-process table.
+Episodic meta-training: rank r takes M = T/W of a meta-batch of T tasks (from
+``rank_seed(seed, r)``); :func:`all_reduce_mean_grads` (in ``Learner.outer_step``) turns each
+rank's gradient g_r into 1/W Σ_r g_r = ∇θ 1/T Σ_t L_t(θ), the global meta-batch's gradient.
+Supervised training: every rank draws the same permutation and takes its share of both halves
+(task_i, task_j) of each global minibatch. Evaluation: rank r takes episodes r, r+W, ...;
+accuracies are gathered back in episode order. Why each of these equals the single-process
+computation: ``docs/distributed.md``.
 
 Only rank 0 (:func:`is_main`) writes logs, checkpoints and reports. A checkpoint records
 the world size; :func:`check_resume_world_size` refuses a resume with another one.
@@ -158,6 +137,29 @@ def init_from_env(backend: Optional[str] = None, timeout_s: Optional[float] = No
     successful initialisation returns the current context.
     """
     global _CTX
+    timeout_s = _timeout_seconds(timeout_s)
+    if dist.is_available() and dist.is_initialized():
+        return _CTX
+    world, rk, lrk = _env_int("WORLD_SIZE"), _env_int("RANK"), _env_int("LOCAL_RANK")
+    if world is None or world == 1:
+        if rk not in (None, 0):
+            raise DistributedError(f"RANK={rk} but WORLD_SIZE is {world}; launch with torchrun "
+                                   f"--nproc_per_node=N, which sets both")
+        _CTX = DistContext(device=_pick_device(device, lrk or 0), timeout_s=timeout_s)
+        return _CTX
+    _check_launch_env(world, rk)
+    lrk = rk if lrk is None else lrk
+    dev = _pick_device(device, lrk)
+    backend = _choose_backend(backend, dev)
+    _join(backend, dev, rk, world, timeout_s, init_timeout_s)
+    _CTX = DistContext(rank=rk, world_size=world, local_rank=lrk, device=dev, backend=backend,
+                       timeout_s=timeout_s, initialized=True)
+    return _CTX
+
+
+def _timeout_seconds(timeout_s) -> float:
+    """The collectives' timeout: the argument, else $FEWSHOT_DIST_TIMEOUT, else the default;
+    a positive finite number of seconds or a ConfigError naming where it came from."""
     where = "init_from_env(timeout_s=...)"
     if timeout_s is None:
         env = os.environ.get("FEWSHOT_DIST_TIMEOUT")
@@ -170,17 +172,11 @@ def init_from_env(backend: Optional[str] = None, timeout_s: Optional[float] = No
     if not timeout_s > 0 or timeout_s == float("inf"):
         raise ConfigError(f"{where}: the distributed timeout must be a positive, finite number "
                           f"of seconds, got {raw!r}")
-    if dist.is_available() and dist.is_initialized():
-        return _CTX
-    world = _env_int("WORLD_SIZE")
-    rk = _env_int("RANK")
-    lrk = _env_int("LOCAL_RANK")
-    if world is None or world == 1:
-        if rk not in (None, 0):
-            raise DistributedError(f"RANK={rk} but WORLD_SIZE is {world}; launch with torchrun "
-                                   f"--nproc_per_node=N, which sets both")
-        _CTX = DistContext(device=_pick_device(device, lrk or 0), timeout_s=timeout_s)
-        return _CTX
+    return timeout_s
+
+
+def _check_launch_env(world: int, rk: Optional[int]) -> None:
+    """What torchrun sets for a world of several ranks is present and consistent."""
     if world < 1:
         raise DistributedError(f"WORLD_SIZE={world} must be >= 1")
     if rk is None:
@@ -195,14 +191,22 @@ def init_from_env(backend: Optional[str] = None, timeout_s: Optional[float] = No
     if not dist.is_available():
         raise DistributedError("this PyTorch build has no torch.distributed; install a build "
                                "with distributed support or run one process")
-    lrk = rk if lrk is None else lrk
-    dev = _pick_device(device, lrk)
+
+
+def _choose_backend(backend: Optional[str], dev: torch.device) -> str:
+    """nccl on CUDA, gloo on the CPU, unless given; refuse a backend the device cannot use."""
     if backend is None:
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "nccl" and dev.type != "cuda":
         raise DistributedError("backend 'nccl' needs CUDA devices; use backend 'gloo' on the CPU")
     if backend == "gloo" and not dist.is_gloo_available():
         raise DistributedError("backend 'gloo' is not available in this PyTorch build")
+    return backend
+
+
+def _join(backend: str, dev: torch.device, rk: int, world: int, timeout_s: float,
+          init_timeout_s: Optional[float]) -> None:
+    """init_process_group with the rendezvous timeout, then the collectives' timeout."""
     kwargs: Dict[str, Any] = {}
     if backend == "nccl":
         kwargs["device_id"] = dev
@@ -224,9 +228,6 @@ def init_from_env(backend: Optional[str] = None, timeout_s: Optional[float] = No
             f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
             f"{time.monotonic() - t0:.1f} s (timeout {init_timeout:g} s): {_first_line(e)}; "
             f"check that every rank was started and the address is reachable") from e
-    _CTX = DistContext(rank=rk, world_size=world, local_rank=lrk, device=dev, backend=backend,
-                       timeout_s=timeout_s, initialized=True)
-    return _CTX
 
 
 def shutdown(wait_s: Optional[float] = None) -> None:

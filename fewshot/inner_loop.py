@@ -37,18 +37,22 @@ In no policy do inner steps corrupt the model's own running statistics.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import higher
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fewshot.errors import ConfigError
+from fewshot.errors import ConfigError, TrainingError
 
 BN_POLICIES = ("transductive", "running", "per_step")
-ADAPT_PRESETS = ("all", "conv", "fc", "head")
+ADAPT_PRESETS = ("all", "conv", "fc", "head", "first_conv", "last_fc")
 Selector = Union[str, Callable[[str, nn.Parameter, nn.Module], bool]]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -79,8 +83,10 @@ def select_parameters(model: nn.Module, adapt: Selector) -> List[bool]:
 
     ``"all"``: every parameter; ``"conv"``: parameters of convolution modules; ``"fc"``: of
     ``nn.Linear`` modules; ``"head"``: of the module named ``head`` (else the last Linear).
-    BatchNorm affine parameters are neither conv nor fc. A callable receives
-    ``(name, parameter, owning_module)``.
+    BatchNorm affine parameters are neither conv nor fc. ``"first_conv"``: of the first
+    convolution module in ``named_modules`` order; ``"last_fc"``: of the last ``nn.Linear``
+    (MLTP sec. III-E's "only the first convolutional layer" / "the last fully connected
+    layer"). A callable receives ``(name, parameter, owning_module)``.
     """
     owners = _owner_modules(model)
     names = [n for n, _ in model.named_parameters()]
@@ -92,6 +98,11 @@ def select_parameters(model: nn.Module, adapt: Selector) -> List[bool]:
         return [isinstance(owners[n][1], _CONV) for n in names]
     if adapt == "fc":
         return [isinstance(owners[n][1], nn.Linear) for n in names]
+    if adapt in ("first_conv", "last_fc"):
+        kind = _CONV if adapt == "first_conv" else nn.Linear
+        layers = [n for n, m in model.named_modules() if isinstance(m, kind)]
+        pick = (layers[0] if adapt == "first_conv" else layers[-1]) if layers else None
+        return [owners[n][0] == pick for n in names]
     if adapt == "head":
         head = _head_module_name(model)
         if head is None:
@@ -99,6 +110,21 @@ def select_parameters(model: nn.Module, adapt: Selector) -> List[bool]:
         return [owners[n][0] == head or owners[n][0].startswith(head + ".") for n in names]
     raise ConfigError(f"inner loop option 'adapt' must be one of {', '.join(ADAPT_PRESETS)} "
                       f"or a callable, got {adapt!r}")
+
+
+def _check_options(steps, bn: str, optimizer: str, lr_per: str, lr_init_std: float) -> None:
+    """ConfigError naming the inner-loop option that is out of range."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ConfigError(f"inner loop option 'steps' must be an integer >= 0, got {steps!r}")
+    if bn not in BN_POLICIES:
+        raise ConfigError(f"inner loop option 'bn' must be one of {', '.join(BN_POLICIES)}, "
+                          f"got {bn!r}")
+    if optimizer not in ("sgd", "adam"):
+        raise ConfigError(f"inner loop option 'optimizer' must be 'sgd' or 'adam', got {optimizer!r}")
+    if lr_per not in ("tensor", "layer"):
+        raise ConfigError(f"inner loop option 'lr_per' must be 'tensor' or 'layer', got {lr_per!r}")
+    if lr_init_std < 0:
+        raise ConfigError(f"inner loop option 'lr_init_std' must be >= 0, got {lr_init_std}")
 
 
 class Adapted:
@@ -121,10 +147,6 @@ class Adapted:
 
     def named_params(self) -> Dict[str, Tensor]:
         return dict(zip(self._loop.param_names, self.params))
-
-    def adapted_params(self) -> Dict[str, Tensor]:
-        """Only the tensors the loop adapts, by name."""
-        return {n: self.params[i] for i, n in zip(self._loop._adapted_idx, self._loop.adapted_names)}
 
 
 @dataclass
@@ -163,17 +185,7 @@ class InnerLoop(nn.Module):
                  lr_init_std: float = 0.0, adam_betas: Sequence[float] = (0.0, 0.999),
                  adam_eps: float = 1e-8, generator: Optional[torch.Generator] = None):
         super().__init__()
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-            raise ConfigError(f"inner loop option 'steps' must be an integer >= 0, got {steps!r}")
-        if bn not in BN_POLICIES:
-            raise ConfigError(f"inner loop option 'bn' must be one of {', '.join(BN_POLICIES)}, "
-                              f"got {bn!r}")
-        if optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"inner loop option 'optimizer' must be 'sgd' or 'adam', got {optimizer!r}")
-        if lr_per not in ("tensor", "layer"):
-            raise ConfigError(f"inner loop option 'lr_per' must be 'tensor' or 'layer', got {lr_per!r}")
-        if lr_init_std < 0:
-            raise ConfigError(f"inner loop option 'lr_init_std' must be >= 0, got {lr_init_std}")
+        _check_options(steps, bn, optimizer, lr_per, lr_init_std)
         object.__setattr__(self, "_model", model)
         self.steps = steps
         self.first_order = bool(first_order)
@@ -182,9 +194,19 @@ class InnerLoop(nn.Module):
         self.adam_betas = tuple(float(b) for b in adam_betas)
         self.adam_eps = float(adam_eps)
         self.lr_per = lr_per
+        self.param_names = [n for n, _ in model.named_parameters()]
+        self._select(model, adapt, lr_per)
+        init = self._initial_alpha(model, lr, lr_init_std, generator)
+        if learn_lr:
+            self.alpha = nn.Parameter(init)
+        else:
+            self.register_buffer("alpha", init)
+        self._init_bn(model, bn, steps)
+        object.__setattr__(self, "_fmodel", None)
+        object.__setattr__(self, "_pairs", None)
 
-        named = list(model.named_parameters())
-        self.param_names = [n for n, _ in named]
+    def _select(self, model: nn.Module, adapt: Selector, lr_per: str) -> None:
+        """The adapted tensors (indices, names) and their step-size groups."""
         mask = select_parameters(model, adapt)
         self._adapted_idx = [i for i, m in enumerate(mask) if m]
         self.adapted_names = [self.param_names[i] for i in self._adapted_idx]
@@ -197,7 +219,6 @@ class InnerLoop(nn.Module):
                 f"inner loop option adapt={adapt!r} selects no parameter of "
                 f"{type(model).__name__} (it has {kinds['conv']} conv and {kinds['fc']} fully-"
                 f"connected layers); choose another variant or network")
-
         owners = _owner_modules(model)
         group_of_name: Dict[str, str] = {}
         for n in self.adapted_names:
@@ -206,6 +227,10 @@ class InnerLoop(nn.Module):
         gindex = {g: k for k, g in enumerate(self.group_names)}
         self._group_idx = [gindex[group_of_name[n]] for n in self.adapted_names]
 
+    def _initial_alpha(self, model: nn.Module, lr, lr_init_std: float,
+                       generator: Optional[torch.Generator]) -> Tensor:
+        """α's initial values, one per group: ``lr`` (+ ``lr_init_std`` · N(0, 1))."""
+        named = list(model.named_parameters())
         dtype = named[0][1].dtype if named and named[0][1].is_floating_point() else torch.float32
         if isinstance(lr, Mapping):
             unknown = set(lr) - set(self.group_names)
@@ -218,14 +243,13 @@ class InnerLoop(nn.Module):
         if lr_init_std > 0:
             init = init + lr_init_std * torch.randn(len(self.group_names), generator=generator,
                                                     dtype=torch.float64)
-        init = init.to(dtype=dtype, device=named[0][1].device if named else None)
-        if learn_lr:
-            self.alpha = nn.Parameter(init)
-        else:
-            self.register_buffer("alpha", init)
+        return init.to(dtype=dtype, device=named[0][1].device if named else None)
 
-        # BatchNorm bookkeeping; per-step statistics live here so they are checkpointed.
+    def _init_bn(self, model: nn.Module, bn: str, steps: int) -> None:
+        """BatchNorm bookkeeping; per-step statistics live here so they are checkpointed."""
         self._bn_names = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+        index = {n: i for i, n in enumerate(self.param_names)}
+        self._bn_param_idx = [(index.get(f"{n}.weight"), index.get(f"{n}.bias")) for n in self._bn_names]
         if bn == "per_step":
             for k, n in enumerate(self._bn_names):
                 m = model.get_submodule(n)
@@ -234,8 +258,6 @@ class InnerLoop(nn.Module):
                                       f"and a momentum; '{n}' has neither")
                 self.register_buffer(f"bn_mean_{k}", m.running_mean.detach().clone().repeat(steps + 1, 1))
                 self.register_buffer(f"bn_var_{k}", m.running_var.detach().clone().repeat(steps + 1, 1))
-        object.__setattr__(self, "_fmodel", None)
-        object.__setattr__(self, "_pairs", None)
 
     # ------------------------------------------------------------------ public
     @property
@@ -303,6 +325,203 @@ class InnerLoop(nn.Module):
             params = [p.detach() for p in params]
         return Adapted(self, params, steps)
 
+
+    # ------------------------------------------------------------ task batching
+    def adapt_batched(self, loss_fn: Callable, *task_tensors: Tensor, steps: Optional[int] = None,
+                      differentiable: Optional[bool] = None) -> "BatchedAdapted":
+        """Adapt T tasks at once; ``task_tensors[j][i]`` is task i's j-th tensor.
+
+        The update of :meth:`adapt` for every task i (module docstring):
+        θ^i_{t+1}[a] = θ^i_t[a] − α_{g(a)} · ∇_{θ[a]} L_i(θ^i_t), with θ^i_0 = θ_0 shared
+        (vmap ``in_dims=None``) and α captured (shared, not vmapped). ``loss_fn(net,
+        *task_i_tensors)`` is one task's loss, or ``(loss, aux)``; it runs inside
+        ``torch.func.vmap`` over tasks with ``torch.func.grad`` for ∇L. The update runs outside
+        vmap with ordinary autograd, so the outer loss back-propagates to θ_0 and α: second
+        order through ``grad``'s differentiable result; first order (and
+        ``differentiable=False``) computes ∇L under ``torch.no_grad`` (``grad`` ignores an outer
+        no_grad, the outer graph records nothing), so ∇L is a constant for the outer backward.
+        Adam keeps per-task moments (T, ...).
+
+        Functional model: ``higher``'s patched model (its forward is plain Python over
+        tensors and composes with vmap) except BatchNorm: ``F.batch_norm`` on batch statistics
+        under vmap gives exact values and first derivatives but wrong second derivatives, so
+        the forwards of second-order inner gradients run every patched BatchNorm as plain
+        mean/var ops (:func:`_bn_apply`); all other batched forwards (first order, outer,
+        eval) keep the fused ``F.batch_norm`` (first derivatives only, exact, faster).
+        BN policies, batched: ``"transductive"``: per-task batch statistics, as sequential.
+        ``"running"`` / ``"per_step"``: training forwards normalise with per-task batch
+        statistics; the statistics that update running statistics leave vmap as outputs and
+        the T momentum updates are applied in task order (closed form of the T successive
+        updates), which is the sequential result when each task's network makes one updating
+        forward per statistics set (inner step t under ``per_step``; the outer forward). A
+        second updating forward of the same set applies its T updates after the first's, an
+        order the sequential loop does not have; that is logged once. Eval forwards read the
+        running statistics. Random ops (dropout) draw independently per task
+        (``randomness="different"``), not the sequential path's draws.
+        """
+        model = self._model
+        self._sync()
+        steps = self.steps if steps is None else int(steps)
+        if steps < 0:
+            raise ConfigError(f"number of inner steps must be >= 0, got {steps}")
+        n_tasks = _task_count(task_tensors)
+        differentiable = model.training if differentiable is None else differentiable
+        params = list(model.parameters())
+        if not differentiable:
+            params = [p.detach() for p in params]
+        batched = [False] * len(params)
+        alpha = self.alpha if differentiable else self.alpha.detach()
+        second = differentiable and not self.first_order
+        m_state: List[Optional[Tensor]] = [None] * len(self._adapted_idx)
+        v_state: List[Optional[Tensor]] = [None] * len(self._adapted_idx)
+        losses, auxes, seen = [], [], set()
+        for t in range(steps):
+            grads, loss, aux = self._batched_grads(loss_fn, params, batched, task_tensors, t,
+                                                   second, seen)
+            losses.append(loss)
+            auxes.append(aux)
+            new = list(params)
+            for k, (i, g) in enumerate(zip(self._adapted_idx, grads)):
+                if self.optimizer == "adam":
+                    g = self._adam_direction(k, g, t + 1, m_state, v_state)
+                new[i] = params[i] - alpha[self._group_idx[k]] * g
+                batched[i] = True
+            params = new
+        if not differentiable:
+            params = [p.detach() for p in params]
+        return BatchedAdapted(self, params, batched, steps, n_tasks, losses, auxes, seen)
+
+    def _batched_grads(self, loss_fn, params, batched, task_tensors, t: int, second: bool, seen):
+        """(∇_{θ[a]} L_i(θ^i_t) for the adapted a, each (T, ...); L_i(θ^i_t) (T,); aux)."""
+        idx = self._adapted_idx
+        targets: List[tuple] = []
+
+        def per_task(full, *task):
+            def loss_of(adapted):
+                ps = list(full)
+                for k, i in enumerate(idx):
+                    ps[i] = adapted[k]
+                net = _TaskNet(self, ps, t, inner=True, plain_bn=second)
+                out = loss_fn(net, *task)
+                loss, aux = out if isinstance(out, tuple) else (out, ())
+                targets[:] = net.targets
+                return loss, (loss.detach(), aux, net.stats)
+            return torch.func.grad(loss_of, has_aux=True)([full[i] for i in idx])
+
+        dims = [0 if b else None for b in batched]
+        fn = torch.func.vmap(per_task, in_dims=(dims, *[0] * len(task_tensors)),
+                             randomness="different")
+        with torch.enable_grad() if second else torch.no_grad():
+            grads, (loss, aux, stats) = fn(params, *task_tensors)
+        self._apply_bn_stats(targets, stats, seen)
+        return grads, loss, aux
+
+    def _batched_forward(self, net: "BatchedAdapted", args, kwargs):
+        """vmap of the patched model over tasks at ``net.params`` (keyword arguments shared)."""
+        self._sync()
+        targets: List[tuple] = []
+
+        def per_task(params, *a):
+            task_net = _TaskNet(self, params, net.step, inner=False)
+            out = task_net(*a, **kwargs)
+            targets[:] = task_net.targets
+            return out, task_net.stats
+
+        dims = [0 if b else None for b in net.batched]
+        in_dims = (dims, *[0 if isinstance(a, Tensor) else None for a in args])
+        out, stats = torch.func.vmap(per_task, in_dims=in_dims, randomness="different")(net.params, *args)
+        self._apply_bn_stats(targets, stats, net._seen)
+        return out
+
+    def _vforward(self, net: "_TaskNet", x: Tensor, *args, **kwargs):
+        """One task's forward inside vmap: the patched model, BatchNorm as plain ops."""
+        fmodel = self._fmodel
+        _, bn_pairs = self._pairs
+        for k, pair in enumerate(bn_pairs):
+            plan = self._bn_plan(k, pair, net.step, net._inner)
+            object.__setattr__(pair.patched, "forward", functools.partial(self._plain_bn, k, plan, net))
+        try:
+            return fmodel(x, *args, params=net.params, **kwargs)
+        finally:
+            for pair in bn_pairs:
+                pair.patched.__dict__.pop("forward", None)
+            self._release(fmodel)
+
+    def _bn_plan(self, k: int, pair: _BNPair, step: int, inner: bool) -> tuple:
+        """(running (mean, var) to read or None for batch statistics, update target or None):
+        the batched twin of :meth:`_configure_bn`'s policy."""
+        module = pair.module
+        if self.bn == "per_step":
+            s = min(step, self.steps)
+            if module.training:
+                return None, ("step", k, s)
+            return (getattr(self, f"bn_mean_{k}")[s], getattr(self, f"bn_var_{k}")[s]), None
+        use_running = self.bn == "running" and (not module.training or not inner)
+        if use_running and module.track_running_stats:
+            if module.training:
+                return None, ("module", k)
+            return (module.running_mean, module.running_var), None
+        return None, None
+
+    def _plain_bn(self, k: int, plan: tuple, net: "_TaskNet", x: Tensor) -> Tensor:
+        """BatchNorm of layer k as plain ops (exact second derivatives under vmap); records
+        the batch mean and unbiased variance when they update running statistics."""
+        running, target = plan
+        iw, ib = self._bn_param_idx[k]
+        w = net.params[iw] if iw is not None else None
+        b = net.params[ib] if ib is not None else None
+        eps = self._pairs[1][k].module.eps
+        if running is not None:
+            return F.batch_norm(x, running[0], running[1], w, b, False, 0.0, eps)
+        dims = [0] + list(range(2, x.dim()))
+        if target is not None or net.plain_bn:
+            mean, var = x.mean(dims), x.var(dims, correction=0)
+        if target is not None:
+            n = x.numel() // x.shape[1]
+            net.stats += [mean.detach(), (var * (n / max(n - 1, 1))).detach()]
+            net.targets.append(target)
+        if net.plain_bn:
+            return _bn_apply(x, mean, var, w, b, eps)
+        return F.batch_norm(x, None, None, w, b, True, 0.0, eps)
+
+    @torch.no_grad()
+    def _apply_bn_stats(self, targets: List[tuple], stats: List[Tensor], seen: set) -> None:
+        """Apply the T per-task momentum updates of each recorded statistics set in task order.
+
+        T successive updates r ← (1 − f_i) r + f_i s_i give r·Π_i(1 − f_i) + Σ_i f_i s_i
+        Π_{u>i}(1 − f_u); f_i = momentum, or 1/n_i (cumulative average, momentum None) with n_i
+        the module's count after update i, as ``nn.BatchNorm``.
+        """
+        for j, target in enumerate(targets):
+            if target in seen and "order" not in seen:
+                seen.add("order")
+                _log.warning("task-batched inner loop: a running-statistics set was updated by "
+                             "two forwards of one batched adaptation; their updates are applied "
+                             "forward by forward, not task by task as the sequential loop does")
+            seen.add(target)
+            mean, var = stats[2 * j], stats[2 * j + 1]
+            module = self._pairs[1][target[1]].module
+            tasks = mean.shape[0]
+            if target[0] == "step":
+                rm, rv = getattr(self, f"bn_mean_{target[1]}")[target[2]], getattr(self, f"bn_var_{target[1]}")[target[2]]
+                f = [float(module.momentum)] * tasks
+            else:
+                rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
+                n0 = int(nbt) if nbt is not None else 0
+                if nbt is not None:
+                    nbt.add_(tasks)
+                if module.momentum is not None:
+                    f = [float(module.momentum)] * tasks
+                else:
+                    f = [1.0 / (n0 + i + 1) if nbt is not None else 0.0 for i in range(tasks)]
+            keep, weights = 1.0, [0.0] * tasks
+            for i in reversed(range(tasks)):
+                weights[i] = f[i] * keep
+                keep *= 1.0 - f[i]
+            w = torch.tensor(weights, dtype=torch.float64, device=mean.device).unsqueeze(1)
+            rm.copy_((rm.double() * keep + (w * mean.double()).sum(0)).to(rm.dtype))
+            rv.copy_((rv.double() * keep + (w * var.double()).sum(0)).to(rv.dtype))
+
     # ---------------------------------------------------------------- internal
     def _adam_direction(self, k: int, g: Tensor, t: int, m_state, v_state) -> Tensor:
         """Adam's bias-corrected direction m̂ / (√v̂ + ε) for adapted tensor ``k`` at step ``t``."""
@@ -312,7 +531,12 @@ class InnerLoop(nn.Module):
         m_state[k], v_state[k] = m, v
         m_hat = m / (1 - b1 ** t)
         v_hat = v / (1 - b2 ** t)
-        return m_hat / (v_hat.sqrt() + self.adam_eps)
+        # √v̂ with derivative 0 where v̂ = 0 (an exactly zero gradient entry): the plain sqrt's
+        # infinite derivative there made second-order meta-gradients NaN (0 · ∞); the direction
+        # m̂/(√v̂ + ε) and its true derivative (1/ε at g = 0, through m̂) are unchanged
+        positive = v_hat > 0
+        root = torch.where(positive, torch.where(positive, v_hat, 1.0).sqrt(), 0.0)
+        return m_hat / (root + self.adam_eps)
 
     def _patched(self):
         if self._fmodel is None:
@@ -386,3 +610,127 @@ class InnerLoop(nn.Module):
             buffers["running_mean"] = None
             buffers["running_var"] = None
             buffers["num_batches_tracked"] = None
+
+
+# ------------------------------------------------------------------------- task batching
+TASK_BATCHING = ("auto", "on", "off")
+_log = logging.getLogger("fewshot.inner_loop")
+_logged_fallback = set()
+
+
+def task_shapes(tasks: Sequence[Sequence[Tensor]]) -> List[tuple]:
+    """The shapes of each task's tensors (a task is a sequence of tensors)."""
+    return [tuple(tuple(t.shape) for t in task) for task in tasks]
+
+
+def resolve_task_batching(option: str, tasks: Sequence[Sequence[Tensor]], device: torch.device,
+                          who: str = "learner") -> bool:
+    """Whether ``tasks`` adapt as one batched computation under ``task_batching=option``.
+
+    ``"off"``: never. ``"on"``: always, and tasks of unequal shapes are a ConfigError naming
+    the shapes. ``"auto"``: when ``device`` is CUDA and all tasks have equal shapes; a ragged
+    meta-batch (any-way / any-shot) falls back to the sequential loop with one log line.
+    One task alone is never batched under ``"auto"`` (nothing to gain).
+    """
+    if option not in TASK_BATCHING:
+        raise ConfigError(f"{who} option 'task_batching' must be one of "
+                          f"{', '.join(TASK_BATCHING)}, got {option!r}")
+    if option == "off":
+        return False
+    shapes = task_shapes(tasks)
+    equal = all(s == shapes[0] for s in shapes)
+    if option == "on":
+        if not equal:
+            distinct = list(dict.fromkeys(shapes))
+            raise ConfigError(f"{who} option task_batching='on' needs tasks of equal shapes, got "
+                              f"{len(distinct)} different: {distinct[:3]}; use task_batching="
+                              "'auto' (falls back to sequential) or equal-shaped episodes")
+        return True
+    if torch.device(device).type != "cuda" or len(tasks) < 2:
+        return False
+    if not equal and who not in _logged_fallback:
+        _logged_fallback.add(who)
+        _log.info("%s: tasks of unequal shapes in one meta-batch (ragged any-way/any-shot "
+                  "episodes); adapting them sequentially (task_batching='auto')", who)
+    return equal
+
+
+@contextlib.contextmanager
+def batched_oom_guard(meta_batch: int, who: str = "learner"):
+    """Turn a CUDA out-of-memory error inside a task-batched step into one TrainingError
+    that names the meta-batch and the ways out (no retry: the caller's state is untouched
+    because the optimiser has not stepped yet)."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        raise TrainingError(
+            f"{who}: CUDA out of memory while adapting a meta-batch of {meta_batch} tasks "
+            f"as one batched computation; set task_batching='off' (sequential, one task in "
+            f"memory at a time) or a smaller meta_batch") from e
+
+
+def _bn_apply(x: Tensor, mean: Tensor, var: Tensor, w: Optional[Tensor], b: Optional[Tensor],
+              eps: float) -> Tensor:
+    """y = (x − μ_c) / √(σ²_c + ε) · γ_c + β_c over channel dim 1 (Ioffe & Szegedy eq. in Alg. 1)."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+    if w is not None:
+        y = y * w.view(shape)
+    if b is not None:
+        y = y + b.view(shape)
+    return y
+
+
+class _TaskNet:
+    """One task's network inside ``vmap``: ``net(x)`` runs the patched model at ``params``
+    with plain-op BatchNorm; ``step`` as :class:`Adapted`; ``stats`` collects the batch
+    statistics that update running statistics (returned out of vmap, applied in task order)."""
+
+    __slots__ = ("_loop", "params", "step", "_inner", "stats", "targets", "plain_bn")
+
+    def __init__(self, loop: "InnerLoop", params: List[Tensor], step: int, inner: bool,
+                 plain_bn: bool = False):
+        self._loop, self.params, self.step, self._inner = loop, params, step, inner
+        self.plain_bn = plain_bn
+        self.stats: List[Tensor] = []
+        self.targets: List[tuple] = []
+
+    def __call__(self, x: Tensor, *args, **kwargs):
+        return self._loop._vforward(self, x, *args, **kwargs)
+
+
+class BatchedAdapted:
+    """T adapted networks at once: ``net(x_T, ...)`` maps (T, B, ...) to (T, B, ...).
+
+    ``params`` is aligned with ``model.parameters()``; ``batched[i]`` says whether
+    ``params[i]`` carries a leading task dimension T (adapted tensors after >= 1 step) or is
+    θ_0 shared by all tasks. Tensor arguments of a call are split along dim 0, other
+    arguments (e.g. ``ways``) go to every task as they are. ``inner_losses[t]`` (T,) and
+    ``aux[t]`` are what ``loss_fn`` returned at inner step t (detached).
+    """
+
+    def __init__(self, loop: "InnerLoop", params: List[Tensor], batched: List[bool], step: int,
+                 tasks: int, inner_losses: List[Tensor], aux: List[object], seen: set):
+        self._loop, self.params, self.batched, self.step = loop, params, batched, step
+        self.tasks, self.inner_losses, self.aux = tasks, inner_losses, aux
+        self._seen = seen  # running-statistics sets updated so far (see InnerLoop.adapt_batched)
+
+    def __call__(self, *args, **kwargs):
+        return self._loop._batched_forward(self, args, kwargs)
+
+    def stacked_params(self) -> List[Tensor]:
+        """Every parameter with a leading task dimension (θ_0 expanded, no copy)."""
+        return [p if b else p.unsqueeze(0).expand(self.tasks, *p.shape)
+                for p, b in zip(self.params, self.batched)]
+
+
+def _task_count(task_tensors: Sequence[Tensor]) -> int:
+    """T, the common leading dimension of the task tensors (ConfigError otherwise)."""
+    if not task_tensors:
+        raise ConfigError("adapt_batched() needs at least one task tensor (leading dim = tasks)")
+    n = task_tensors[0].shape[0]
+    for j, t in enumerate(task_tensors):
+        if t.shape[0] != n:
+            raise ConfigError(f"adapt_batched(): task tensor {j} has {t.shape[0]} tasks, "
+                              f"tensor 0 has {n}")
+    return n

@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from fewshot.config import atomic_write_text
+from fewshot.atomic import atomic_write_text
 from fewshot.errors import FewShotError
 
 Z95 = 1.96

@@ -15,9 +15,12 @@ initial weights. Reported per network and learner:
   ``torch.autograd.graph.saved_tensors_hooks`` and released as the graphs are freed) —
   the part of memory that differs between the variants;
 
-and the ratios ``<variant>_over_standard_time_<net>`` / ``..._peak_mem_<net>``. The issue's
-targets: MLTP_FO <= 1.3x standard, full MLTP <= 3.5x. ``--quick`` (smaller batches, fewer
-repeats) finishes in under a minute on 2 CPU cores.
+and the ratios ``<variant>_over_standard_time_<net>`` / ``..._peak_mem_<net>``, plus the
+dispatched operators and host syncs of one iteration (``torch.profiler``, see ``_profile.py``;
+device-independent) as ``<net>/<learner>/ops`` / ``/syncs`` and ``<variant>_over_standard_ops_<net>``.
+Targets (issue 11, on a GPU at batch 128 for both networks): MLTP_FO <= 1.3x standard, full
+MLTP <= 2.5x, per iteration. ``--quick`` (smaller batches, fewer repeats) finishes in under a
+minute on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -43,9 +46,9 @@ NETS = {
                  {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-5,
                   "alpha_mean": 1e-2, "alpha_std": 1e-2, "eta": 0.5}),
 }
-PLAN = {  # net -> (batch, warmup, repeats, learners)   (full run)
+PLAN = {  # net -> (batch, warmup, repeats, learners)   (full run; the paper's batch 128 = 64 + 64)
     "cnet1": (128, 2, 7, ["standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo"]),
-    "resnet18": (32, 1, 5, ["standard", "mltp_fo", "mltp"]),
+    "resnet18": (128, 1, 5, ["standard", "mltp_fo", "mltp"]),
 }
 QUICK = {
     "cnet1": (32, 1, 2, ["standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo"]),
@@ -135,28 +138,48 @@ def peak_memory(learner, b, device):
     return counter.peak
 
 
-def measure(names, net, batch, warmup, repeats, device):
+def measure(names, net, batch, warmup, repeats, device, block=None):
     """Median seconds per iteration and peak memory of each learner on the same batches.
 
-    The learners take turns (round-robin, starting learner rotated every round), so a load
-    change on a shared machine hits every learner alike; ratios are taken within a run.
+    A timed unit is ``block`` consecutive ``train_step`` calls (default: 1 on the CPU, 5 on
+    CUDA) between two device synchronisations, divided by ``block``: on a GPU this is the
+    per-iteration cost of a training loop that lets the host queue the next step while the
+    device runs (a sync around every step would add a full host-device round trip to each
+    and measure latency, not throughput). The learners take turns (round-robin, starting
+    learner rotated every round), so a load change on a shared machine hits every learner
+    alike; ratios are taken within a run.
     """
+    block = block or (5 if device.type == "cuda" else 1)
     learners = {n: build(n, net, device) for n in names}
     _, _, ch, size, classes, _ = NETS[net]
-    batches = make_batches(warmup + repeats, batch, ch, size, classes, device)
+    batches = make_batches(max(2, block), batch, ch, size, classes, device)
     times = {n: [] for n in names}
-    for r, b in enumerate(batches):
+    for r in range(warmup + repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
             sync(device)
             t0 = time.perf_counter()
-            learners[n].train_step(b)
+            for k in range(block):
+                learners[n].train_step(batches[k % len(batches)])
             sync(device)
             if r >= warmup:
-                times[n].append(time.perf_counter() - t0)
+                times[n].append((time.perf_counter() - t0) / block)
     out = {n: (median(times[n]), peak_memory(learners[n], batches[-1], device))
            for n in names}
     del learners
+    return out
+
+
+def op_counts(names, net, batch, device):
+    """Dispatched operators and host syncs of one ``train_step`` per learner (``_profile``)."""
+    from _profile import count_ops
+
+    _, _, ch, size, classes, _ = NETS[net]
+    b = make_batches(1, batch, ch, size, classes, device)[0]
+    out = {}
+    for n in names:
+        learner = build(n, net, device)
+        out[n] = count_ops(lambda: learner.train_step(b))
     return out
 
 
@@ -180,6 +203,11 @@ def main(argv=None):
         for name, (sec, peak) in res.items():
             metrics[f"{net}/{name}/seconds_per_iter"] = round(sec, 5)
             metrics[f"{net}/{name}/peak_bytes"] = int(peak)
+        ops = op_counts(learners, net, min(batch, 8), device)
+        for name, c in ops.items():
+            metrics[f"{net}/{name}/ops"], metrics[f"{net}/{name}/syncs"] = c["ops"], c["syncs"]
+            if name != "standard":
+                ratios[f"{name}_over_standard_ops_{net}"] = round(c["ops"] / ops["standard"]["ops"], 3)
         s_sec, s_peak = res["standard"]
         for name, (sec, peak) in res.items():
             tr = sec / s_sec
@@ -187,14 +215,19 @@ def main(argv=None):
             if name != "standard":
                 ratios[f"{name}_over_standard_time_{net}"] = round(tr, 3)
                 ratios[f"{name}_over_standard_peak_mem_{net}"] = round(mr, 3)
-            rows.append((net, batch, name, sec * 1e3, tr, peak / 2 ** 20, mr))
+            rows.append((net, batch, name, sec * 1e3, tr, peak / 2 ** 20, mr,
+                         ops[name]["ops"], ops[name]["syncs"]))
     mem_kind = ("cuda max_memory_allocated" if device.type == "cuda"
                 else "autograd saved-tensor bytes (params excluded)")
     print(f"MLTP cost per iteration on {device} ({torch.get_num_threads()} threads); memory = {mem_kind}")
-    print(f"{'net':9s} {'batch':>5s} {'learner':10s} {'ms/iter':>9s} {'x std':>6s} {'peak MiB':>9s} {'x std':>6s}")
-    for net, batch, name, ms, tr, mib, mr in rows:
-        print(f"{net:9s} {batch:5d} {name:10s} {ms:9.1f} {tr:6.2f} {mib:9.1f} {mr:6.2f}")
-    targets = {"mltp_fo": 1.3, "mltp": 3.5}
+    print(f"{'net':9s} {'batch':>5s} {'learner':10s} {'ms/iter':>9s} {'x std':>6s} {'peak MiB':>9s} "
+          f"{'x std':>6s} {'ops/iter':>8s} {'syncs':>5s}")
+    for net, batch, name, ms, tr, mib, mr, n_ops, n_syncs in rows:
+        print(f"{net:9s} {batch:5d} {name:10s} {ms:9.1f} {tr:6.2f} {mib:9.1f} {mr:6.2f} "
+              f"{n_ops:8d} {n_syncs:5d}")
+    print("ops/iter, syncs: aten operators and tensor-to-scalar reads in one train_step "
+          "(torch.profiler; on the CPU syncs include Adam's reads of its CPU step counter)")
+    targets = {"mltp_fo": 1.3, "mltp": 2.5}
     for key, v in ratios.items():
         for name, lim in targets.items():
             if key.startswith(f"{name}_over_standard_time_"):

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
+from fewshot.data import transforms as T
 from fewshot.errors import ConfigError, DataError, unknown_name
 
 
@@ -166,8 +167,6 @@ class _Sampler(abc.ABC):
 
     def __init__(self, store, *, seed: int = 0, device="cpu", normalize: bool = True,
                  augment=None, channels_last: bool = False, deliver: str = "auto"):
-        from fewshot.data import transforms as T
-
         self.store = store
         self.seed = int(seed)
         self.index = 0
@@ -324,8 +323,6 @@ class _Sampler(abc.ABC):
 
     def materialize(self, plan: EpisodePlan, g: Optional[torch.Generator] = None) -> Episode:
         """Gather, convert and split one episode: support and query in one gather."""
-        from fewshot.data import transforms as T
-
         rows = plan.rows if plan.rows is not None else \
             torch.cat([plan.support_rows, plan.query_rows])
         x = self.gather(rows).permute(0, 3, 1, 2)  # (n, C, H, W) view of NHWC bytes

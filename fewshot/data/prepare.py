@@ -26,6 +26,8 @@ from typing import Dict, List
 
 from fewshot.data.store import (FORMAT_VERSION, ImageStore, available_splits, data_root,
                                 store_path)
+from fewshot.data.sources import glyphs
+from fewshot.data.sources.download import fetch
 from fewshot.errors import ConfigError, DataError, unknown_name
 
 DATASETS = ("glyphs", "omniglot", "mini-imagenet", "tiered-imagenet", "cifar10", "cifar100",
@@ -112,7 +114,6 @@ def prepare(name: str, from_path=None, root=None, **opts) -> List[Path]:
         if from_path is not None:
             raise ConfigError(f"glyphs are generated and read no files: drop --from "
                               f"'{from_path}' (run `fewshot data prepare glyphs`)")
-        from fewshot.data.sources import glyphs
         params = inspect.signature(glyphs.prepare).parameters
         allowed = [p for p in params if p not in ("root", "from_path")]
         kw = _options(params, allowed, name, opts)
@@ -132,7 +133,6 @@ def download(name: str, root=None, **opts) -> List[Path]:
     _check_name(name)
     if name == "glyphs":
         return prepare(name, None, root, **opts)
-    from fewshot.data.sources.download import fetch
     raw_dir = opts.pop("raw_dir", None)
     out_dir = data_root(root) / name
     src = fetch(name, out_dir, raw_dir)

@@ -46,11 +46,6 @@ for _m in _NUMPY_MODULES:
     _ALLOWED.update({(_m, "_reconstruct"), (_m, "scalar")})
 
 
-def allowed_globals() -> list[str]:
-    """The allow-list, as ``module.name`` strings."""
-    return sorted(f"{m}.{n}" for m, n in _ALLOWED)
-
-
 class _SafeUnpickler(pickle.Unpickler):
     def __init__(self, fh: BinaryIO, name: str, encoding: str):
         super().__init__(fh, encoding=encoding, fix_imports=True)

@@ -2,8 +2,10 @@
 
 Layout of ``<root>/<dataset>/<split>.h5`` (``FORMAT_VERSION`` 1)::
 
-    /images          uint8 (N, H, W, C), chunked by image (a few small images per chunk)
-    /labels          int64 (N,), sorted ascending: class c occupies rows [offsets[c], offsets[c+1])
+    /images          uint8 (N, H, W, C), chunked by image (small images a few per 16 KiB chunk),
+                     each chunk with a Fletcher-32 checksum
+    /labels          int64 (N,), sorted ascending: class c occupies rows [offsets[c], offsets[c+1]);
+                     chunked, Fletcher-32 checksummed
     /class_offsets   int64 (K + 1,)
     /class_names     utf-8 strings (K,)   (e.g. ImageNet wnids, ``Alphabet/characterNN/rot090``)
     /class_info/<k>  optional utf-8 strings (K,) per class (e.g. tiered-ImageNet's category)
@@ -19,6 +21,13 @@ Writing is atomic: :class:`StoreWriter` writes ``<name>.tmp-<pid>`` next to the 
 ``os.replace``-s it only after every dataset and the ``complete`` attribute are written; on any
 exception the temporary file is removed, so a store on disk is always whole.
 
+Integrity: HDF5 verifies a chunk's Fletcher-32 checksum (h5py ``fletcher32=True``) every time
+the chunk is read, so a byte flipped on disk fails the read that touches it (loading into memory,
+a lazy episode read, ``fewshot data verify``) with a one-line :class:`DataError` that names the
+file and says to re-run ``fewshot data prepare NAME``; the sha256 ``checksum`` attribute is the
+whole-file check that ``fewshot data verify`` adds. Stores written before the checksums (contiguous
+or chunked without the filter, same ``FORMAT_VERSION``) open and read as before, unchecked.
+
 Reading: a store small enough is loaded into memory (one contiguous ``numpy`` array, wrapped by
 :meth:`ImageStore.images_tensor` without a copy); otherwise images stay on disk and
 :meth:`ImageStore.read` fetches only the rows an episode needs (sorted, de-duplicated h5py reads
@@ -29,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import h5py
 import numpy as np
@@ -40,8 +49,12 @@ FORMAT_VERSION = 1
 MAGIC = "fewshot.ImageStore"
 #: h5py raw-data chunk cache per lazily opened store (bytes); keeps lazy reads' memory bounded.
 CHUNK_CACHE_BYTES = 4 * 1024 * 1024
-#: Minimum bytes per HDF5 chunk: tiny images (28x28) are grouped a few per chunk.
-MIN_CHUNK_BYTES = 4096
+#: Minimum bytes per HDF5 chunk: small images are grouped a few per chunk (28x28: 20, one
+#: Omniglot character; 32x32x3: 5), larger ones (84x84x3) get one each. Fewer, larger chunks
+#: cut HDF5's per-chunk cost of checksumming (benchmarks/perf/store_checksums.py).
+MIN_CHUNK_BYTES = 16384
+#: Rows per chunk of the labels dataset (int64: 64 KiB per chunk).
+LABEL_CHUNK_ROWS = 8192
 #: Images processed per block while writing / verifying (bounds the writer's temporary memory).
 BLOCK_IMAGES = 512
 
@@ -201,7 +214,7 @@ class StoreWriter:
         n0 = int(self.num_images_hint) if self.num_images_hint else 0
         self._images = self._file.create_dataset(
             "images", shape=(n0,) + self.image_shape, maxshape=(None,) + self.image_shape,
-            dtype=np.uint8, chunks=(k,) + self.image_shape)
+            dtype=np.uint8, chunks=(k,) + self.image_shape, fletcher32=True)
         self._hist = np.zeros((self.image_shape[2], 256), dtype=np.int64)
 
     def add(self, images: np.ndarray, labels: Union[int, Sequence[int], np.ndarray]) -> None:
@@ -287,7 +300,8 @@ class StoreWriter:
             names = [self.class_names[i] for i in empty[:3]]
             raise DataError(f"{self.path}: {empty.size} class(es) have no images, e.g. {names}; "
                             "check that the source has images for every listed class")
-        f.create_dataset("labels", data=labels)
+        f.create_dataset("labels", data=labels, chunks=(min(labels.size, LABEL_CHUNK_ROWS),),
+                         fletcher32=True)
         f.create_dataset("class_offsets", data=offsets)
         f.create_dataset("class_names", data=np.array(self.class_names, dtype=object),
                          dtype=h5py.string_dtype("utf-8"))
@@ -334,6 +348,21 @@ def _close_quietly(handle) -> None:
             handle.close()
         except Exception:
             pass
+
+
+def damaged_store_error(path, dataset: Optional[str], err: BaseException) -> DataError:
+    """The one-line :class:`DataError` for a store whose bytes cannot be read back: a chunk
+    failing its Fletcher-32 checksum (h5py reports "filter returned failure during read") or
+    another HDF5 read error. It names the file and the command that rebuilds it."""
+    name = dataset or (Path(path).parent.name if path is not None else "NAME")
+    hint = "" if name == "glyphs" else " --from PATH"
+    detail = " ".join(str(err).split())
+    if "filter returned failure" in detail:
+        what = ("corrupt store: a chunk fails its Fletcher-32 checksum, so the file was damaged "
+                "after it was written")
+    else:
+        what = f"damaged store ({type(err).__name__}: {detail})"
+    return DataError(f"{path}: {what}; delete it and re-run `fewshot data prepare {name}{hint}`")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -519,9 +548,9 @@ class ImageStore:
             f.close()
             raise
         except (KeyError, OSError, ValueError) as e:
+            name = _attr_or_none(f, "dataset")
             f.close()
-            raise DataError(f"{path}: damaged store ({type(e).__name__}: {e}); delete it and "
-                            "re-run `fewshot data prepare`") from None
+            raise damaged_store_error(path, name, e) from None
         if in_memory:
             f.close()
         return store
@@ -585,11 +614,14 @@ class ImageStore:
         zeros = (0,) * len(shape)
         breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
         start = 0
-        for run in np.split(uniq, breaks):
-            n = int(run.size)
-            fspace.select_hyperslab((int(run[0]),) + zeros, (n,) + shape)
-            dset.id.read(h5py.h5s.create_simple((n,) + shape), fspace, out[start:start + n])
-            start += n
+        try:
+            for run in np.split(uniq, breaks):
+                n = int(run.size)
+                fspace.select_hyperslab((int(run[0]),) + zeros, (n,) + shape)
+                dset.id.read(h5py.h5s.create_simple((n,) + shape), fspace, out[start:start + n])
+                start += n
+        except OSError as e:  # a chunk failing its Fletcher-32 checksum, or unreadable bytes
+            raise damaged_store_error(self.path, self.dataset, e) from None
         return out[inverse] if uniq.size != idx.size or np.any(np.diff(idx) <= 0) else out
 
     def images_tensor(self):
@@ -676,9 +708,12 @@ class ImageStore:
                                     "the data")
                 sha = hashlib.sha256()
                 d = f["images"]
-                for s in range(0, n, BLOCK_IMAGES):
-                    block = d[s:min(n, s + BLOCK_IMAGES)]
-                    sha.update(memoryview(np.ascontiguousarray(block)).cast("B"))
+                try:
+                    for s in range(0, n, BLOCK_IMAGES):
+                        block = d[s:min(n, s + BLOCK_IMAGES)]
+                        sha.update(memoryview(np.ascontiguousarray(block)).cast("B"))
+                except OSError as e:  # a chunk failing its Fletcher-32 checksum
+                    raise damaged_store_error(self.path, self.dataset, e) from None
                 digest = "sha256:" + sha.hexdigest()
                 if digest != self.checksum:
                     raise DataError(f"{where}: checksum mismatch (stored {self.checksum}, "
@@ -725,6 +760,14 @@ class ImageStore:
         self._pid = os.getpid()
 
 
+def _attr_or_none(f: h5py.File, key: str) -> Optional[str]:
+    """A string attribute of an open file, or None when absent or unreadable."""
+    try:
+        return _s(f.attrs.get(key)) or None
+    except Exception:
+        return None
+
+
 def _s(v) -> str:
     if v is None:
         return ""
@@ -757,9 +800,3 @@ def open_split(dataset: str, split: str, root: Optional[PathLike] = None,
                         f"run `fewshot data prepare {dataset}{hint}` (see datasets/{dataset}/"
                         "README.md)")
     return ImageStore.open(path, in_memory=in_memory)
-
-
-def iter_blocks(n: int, size: int = BLOCK_IMAGES) -> Iterable[slice]:
-    """Slices ``[s, s+size)`` covering ``0..n``."""
-    for s in range(0, n, size):
-        yield slice(s, min(n, s + size))

@@ -1,15 +1,22 @@
 """The supervised adapter: ordinary labelled minibatches as pairs of tasks (MLTP).
 
-MLTP (Liu et al., ICPR, Algorithm 1) splits every minibatch of B images into two tasks of
-B/2, ``task_i`` (the inner step ``w' = w - α ∂L(f(w, x_i), y_i)/∂w``) and ``task_j`` (the
-outer loss ``η L(f(w', x_j), y_j)``), so it keeps the batch size of standard training.
+MLTP (Deng & Zhang, "Is the Meta-Learning Idea Able to Improve the Generalization of Deep
+Neural Networks on the Standard Supervised Learning?", ICPR 2020, Algorithm 1) splits every
+minibatch of B images into two tasks of B/2 (sec. IV-A: 128 into 2 x 64), ``task_i`` (the
+inner step ``w' = w - α ∂L(f(w, x_i), y_i)/∂w``) and ``task_j`` (the outer loss
+``η L(f(w', x_j), y_j)``), so it keeps the batch size of standard training.
 :class:`SupervisedAdapter` yields such :class:`TaskPairBatch` es over shuffled epochs:
 
 * epoch ``e`` visits the store in the order ``randperm(N)`` drawn from a generator seeded
   from (seed, e); minibatch ``b`` is rows ``perm[bB:(b+1)B]``, its first B/2 rows are
   task_i, the last B/2 task_j. ``drop_last=True`` (default) drops the incomplete last
-  minibatch; with ``drop_last=False`` the last minibatch of B' < B rows gives task_i its
-  first ``B'//2`` rows and task_j the remaining ``B' - B'//2``.
+  minibatch. With ``drop_last=False`` the last minibatch of B' < B rows is kept, trimmed
+  to the largest multiple of 2W rows (W = ``world_size``; on one process: to an even
+  count), so task_i and task_j are equally large on every rank. This drops at most 2W - 1
+  rows, the last of the epoch's shuffled order (a different row each epoch); a remainder
+  of fewer than 2W rows gives no minibatch. The paper is silent on an epoch's remainder, so
+  this is our choice: sec. IV-A keeps MLTP's minibatches those of standard training and
+  its two tasks equally large, and so does this (the learner refuses unequal halves).
 * B must be even: an odd batch size is refused (``ConfigError``), since halves of unequal
   size would weight the two terms of J differently from the paper.
 * sharding (``rank``, ``world_size``), like ``torch.utils.data.DistributedSampler``: every
@@ -37,6 +44,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from fewshot.errors import ConfigError
+from fewshot.data import transforms as T
 from fewshot.data.episodes import episode_seed
 
 
@@ -74,8 +82,6 @@ class _Converter:
     """Gather rows of a store and turn them into normalised float batches."""
 
     def __init__(self, store, augment, channels_last: bool = False, stats=None):
-        from fewshot.data import transforms as T
-
         self.store = store
         h, _, c = store.image_shape
         self.normalize, self.train_augment = T.resolve(augment, image_size=h)
@@ -97,8 +103,6 @@ class _Converter:
         return torch.from_numpy(np.ascontiguousarray(self.store.read(rows.numpy())))
 
     def __call__(self, rows: Tensor, train: bool, generator=None) -> Tensor:
-        from fewshot.data import transforms as T
-
         x = self.gather(rows).permute(0, 3, 1, 2)
         return T.convert(x, self.scale, self.shift, normalize=self.normalize,
                          augment=self.train_augment if train else None, generator=generator,
@@ -128,7 +132,8 @@ class SupervisedAdapter:
         seed: fixes the shuffles and augmentations.
         num_workers: DataLoader worker processes building batches (0: in this process).
         device: where batches are delivered.
-        drop_last: drop the incomplete last minibatch of an epoch.
+        drop_last: drop the incomplete last minibatch of an epoch (else keep it, trimmed to
+            equal halves: see the module docstring).
         rank, world_size: this process's share of every global minibatch.
         shuffle: False visits rows in store order (for debugging and tests).
     ``len(adapter)`` is the number of minibatches per epoch; iterating yields one epoch (the
@@ -153,10 +158,10 @@ class SupervisedAdapter:
                               f"divisible by {2 * w}")
         if num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
-        if len(store) < (b if drop_last else 1):
+        if len(store) < (b if drop_last else 2 * w):
             raise ConfigError(f"batch_size = {b} is larger than the {len(store)} images of "
-                              f"store {store.dataset}/{store.split} with drop_last=True; lower "
-                              "batch_size")
+                              f"store {store.dataset}/{store.split} with drop_last="
+                              f"{bool(drop_last)}; lower batch_size")
         self.store = store
         self.batch_size, self.rank, self.world_size = b, int(rank), w
         self.seed, self.num_workers = int(seed), int(num_workers)
@@ -171,7 +176,8 @@ class SupervisedAdapter:
 
     def __len__(self) -> int:
         n = len(self.store)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        full, rest = divmod(n, self.batch_size)
+        return full + int(not self.drop_last and rest >= 2 * self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Use the shuffle and augmentation of ``epoch`` for the next pass."""
@@ -191,6 +197,7 @@ class SupervisedAdapter:
         """This rank's (task_i rows, task_j rows) of minibatch ``b`` of ``epoch``."""
         perm = self.permutation(epoch) if perm is None else perm
         rows = perm[b * self.batch_size:(b + 1) * self.batch_size]
+        rows = rows[:rows.numel() - rows.numel() % (2 * self.world_size)]  # equal halves
         half = rows.numel() // 2
         ri, rj = rows[:half], rows[half:]
         if self.world_size > 1:
@@ -225,6 +232,29 @@ class SupervisedAdapter:
         if not self._epoch_set:
             self.epoch = epoch + 1
         self._epoch_set = False
+
+    def batches_from(self, start_step: int, on_epoch=None) -> Iterator[TaskPairBatch]:
+        """Minibatches from global step ``start_step`` on, epoch after epoch, without end.
+
+        ``on_epoch(epoch)`` is called at each epoch start (the trainer applies its learning-rate
+        milestones there). A resume inside an epoch continues with that epoch's batch
+        ``start_step % len(self)`` of the same permutation, so the run sees exactly the batches
+        of an uninterrupted one.
+        """
+        per_epoch = len(self)
+        epoch, skip = divmod(int(start_step), per_epoch)
+        while True:
+            if on_epoch is not None:
+                on_epoch(epoch)
+            self.set_epoch(epoch)
+            if skip:
+                perm = self.permutation(epoch)  # resumed inside the epoch: its batches skip, skip+1, ...
+                for b in range(skip, per_epoch):
+                    yield self.batch(epoch, b, perm).to(self.device)
+            else:
+                yield from self
+            skip = 0
+            epoch += 1
 
     def state_dict(self) -> Dict[str, Any]:
         return {"sampler": "SupervisedAdapter", "seed": self.seed, "epoch": self.epoch}

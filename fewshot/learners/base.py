@@ -17,13 +17,15 @@ the support set first where the method's paper evaluates that way.
 from __future__ import annotations
 
 import abc
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, Dict, Iterable, List, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Dict, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from fewshot.errors import ConfigError, TrainingError
+from fewshot.distributed import all_reduce_mean_grads
+from fewshot.errors import CheckpointError, ConfigError, TrainingError
+from fewshot.nn import build_backbone
 
 
 @dataclass
@@ -117,8 +119,6 @@ class Learner(nn.Module, metaclass=_LearnerMeta):
         """
         if self._given_backbone is not None:
             return self._given_backbone
-        from fewshot.nn import build_backbone
-
         options = {**self.config.backbone_options, **overrides}
         return build_backbone(self.config.backbone, in_channels=self.in_channels,
                               image_size=self.image_size, **options)
@@ -143,8 +143,6 @@ class Learner(nn.Module, metaclass=_LearnerMeta):
         if params is None:
             params = [p for g in opt.param_groups for p in g["params"]]
         params = list(params)
-        from fewshot.distributed import all_reduce_mean_grads
-
         all_reduce_mean_grads(params)
         if clip_norm > 0:
             for group in (clip_groups if clip_groups is not None else [params]):
@@ -173,9 +171,6 @@ class Learner(nn.Module, metaclass=_LearnerMeta):
             raise ConfigError(f"support images {tuple(episode.support_x.shape[1:])} and query "
                               f"images {tuple(episode.query_x.shape[1:])} differ in shape")
 
-    def hyperparameters(self) -> Dict[str, Any]:
-        return asdict(self.config)
-
     # ----------------------------------------------------------- checkpoints
     def state_dict(self, *args, **kwargs):  # type: ignore[override]
         return {
@@ -187,8 +182,6 @@ class Learner(nn.Module, metaclass=_LearnerMeta):
         }
 
     def load_state_dict(self, state, strict: bool = True):  # type: ignore[override]
-        from fewshot.errors import CheckpointError
-
         if not isinstance(state, dict) or "modules" not in state:
             raise CheckpointError("checkpoint has no learner state ('modules' missing); "
                                   "was it written by fewshot?")
@@ -213,8 +206,3 @@ class Learner(nn.Module, metaclass=_LearnerMeta):
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     """Fraction of correct arg-max predictions (0-dim tensor, no host sync)."""
     return (logits.argmax(dim=-1) == labels).float().mean()
-
-
-def stack_metrics(metrics: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
-    """Mean of each metric over a list of per-task metric dicts."""
-    return {k: torch.stack([m[k].detach().float() for m in metrics]).mean() for k in metrics[0]}

@@ -40,7 +40,8 @@ Choices the paper leaves open, taken from its baselines' papers and written down
 * BatchNorm (``bn``, default ``"running"``): batch statistics while training; the running
   statistics are updated by the outer forward on T_j only (never by the inner step on T_i)
   and used at test time, as ProtoNet and RelationNet test in eval mode. ``"transductive"``
-  normalises every forward, including test queries, with the batch's own statistics.
+  normalises every forward, including test queries, with the batch's own statistics;
+  ``"per_step"`` tests with the statistics of step 0 (see ``predict``).
 * Support and query images of a task go through the embedding in one batch.
 * Prototypes: mean of the support embeddings for ProtoNet (eq. 6), sum for RelationNet
   (eq. 9, Sung et al.'s "element-wise sum").
@@ -57,12 +58,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.errors import ConfigError, DataError
-from fewshot.inner_loop import BN_POLICIES, InnerLoop
+from fewshot.inner_loop import BN_POLICIES, InnerLoop, batched_oom_guard
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
-from fewshot.learners.protonet import (check_episode, check_lr_halve_every, halve_lr_every,
-                                       prototypes, squared_euclidean_logits)
+from fewshot.learners.common import (check_episode, check_lr_halve_every, class_sums,
+                                     halve_lr_every, positive_float, positive_int, prototypes,
+                                     squared_euclidean_logits)
+from fewshot.learners.batching import batches_tasks, check_task_batching, stack
 from fewshot.learners.registry import register_learner
-from fewshot.learners.relationnet import class_sums
 
 __all__ = ["L2GConfig", "L2GRelationConfig", "L2GProtoNet", "L2GRelationNet", "MAMLProtoNet",
            "MAMLRelationNet", "ProtoNetScorer", "RelationNetScorer", "build_relation_scorer",
@@ -114,7 +116,8 @@ class RelationNetScorer(nn.Module):
 
     @staticmethod
     def loss(scores: Tensor, query_y: Tensor, ways: int) -> Tensor:
-        return F.mse_loss(scores, F.one_hot(query_y, ways).to(scores.dtype))
+        target = (query_y.unsqueeze(-1) == torch.arange(ways, device=query_y.device)).to(scores.dtype)
+        return F.mse_loss(scores, target)  # (one-hot by comparison: vmap-safe, no host sync)
 
 
 def build_relation_scorer(learner: Learner) -> RelationNetScorer:
@@ -169,6 +172,7 @@ class L2GConfig(LearnerConfig):
     first_order: drop second derivatives in eq. 4 (the authors' code's effective behaviour).
     bn: BatchNorm policy of the inner loop: "running" (default), "transductive" or "per_step".
     weight_decay: Adam's L2 penalty (0; the authors' code's 0.9 is not copied).
+    task_batching: "auto" | "on" | "off": adapt the T pairs as one batched computation.
     """
 
     lr: float = 1e-3
@@ -179,14 +183,15 @@ class L2GConfig(LearnerConfig):
     first_order: bool = False
     bn: str = "running"
     weight_decay: float = 0.0
+    task_batching: str = "auto"
 
     def validate(self) -> None:
         super().validate()
+        check_task_batching(self.task_batching)
         check_lr_halve_every(self.lr_halve_every)
         require(self.inner_lr > 0, f"learner option 'inner_lr' (α of L2G eq. 3) must be > 0, "
                                    f"got {self.inner_lr}")
-        require(isinstance(self.inner_steps, int) and self.inner_steps >= 1,
-                f"learner option 'inner_steps' must be an integer >= 1, got {self.inner_steps!r}")
+        positive_int(self.inner_steps, "inner_steps", 1)
         require(self.bn in BN_POLICIES, f"learner option 'bn' must be one of "
                                         f"{', '.join(BN_POLICIES)}, got {self.bn!r}")
         require(self.weight_decay >= 0, f"learner option 'weight_decay' must be >= 0, "
@@ -261,6 +266,8 @@ class _BilevelMetric(Learner):
         """
         pairs = self._pairs(batch)
         self.train()
+        if batches_tasks(self, pairs):
+            return self._train_batched(pairs)
         opt = self.optimizers["meta"]
         opt.zero_grad(set_to_none=True)
         n = len(pairs)
@@ -280,7 +287,32 @@ class _BilevelMetric(Learner):
             outer.append(loss_j.detach())
             inner.append(first[0])
             accs.append(accuracy(scores.detach(), t_j.query_y))
-        loss = torch.stack(outer).mean()
+        return self._finish_step(torch.stack(outer).mean(), torch.stack(accs).mean(),
+                                 torch.stack(inner).mean())
+
+    def _train_batched(self, pairs) -> Dict[str, Tensor]:
+        """:meth:`train_step` with the T pairs as one batched computation: θ'_i for all T_i
+        by ``adapt_batched`` (eq. 3), then one backward of (1/T) Σ L_Tj(θ'_i) (eqs. 4-5)."""
+        self.optimizers["meta"].zero_grad(set_to_none=True)
+        t_i = [p[0] for p in pairs]
+        t_j = [p[1] for p in pairs]
+        ways_i, ways_j = t_i[0].ways, t_j[0].ways
+        fields = ("support_x", "support_y", "query_x", "query_y")
+        si, sj = [stack(t_i, f) for f in fields], [stack(t_j, f) for f in fields]
+
+        def inner_loss(net, sx, sy, qx, qy):
+            return self.scorer.loss(net(sx, sy, qx, ways_i), qy, ways_i)
+
+        with batched_oom_guard(len(pairs), f"learner '{self.name}'"):
+            adapted = self.inner.adapt_batched(inner_loss, *si)          # θ'_i (eq. 3)
+            scores = adapted(sj[0], sj[1], sj[2], ways_j)                # (T, Q, N)
+            losses = torch.func.vmap(lambda s, y: self.scorer.loss(s, y, ways_j))(scores, sj[3])
+            losses.mean().backward()                                     # eqs. 4-5
+        accs = (scores.detach().argmax(-1) == sj[3]).float().mean(1)
+        return self._finish_step(losses.detach().mean(), accs.mean(), adapted.inner_losses[0].mean())
+
+    def _finish_step(self, loss: Tensor, acc: Tensor, inner: Tensor) -> Dict[str, Tensor]:
+        """Finiteness check, per-network clipping, the Adam step (eq. 5) and the metrics."""
         self.check_finite(loss, self.steps_done)
         clip = getattr(self.config, "grad_clip", 0)
         if clip:
@@ -288,13 +320,27 @@ class _BilevelMetric(Learner):
                 torch.nn.utils.clip_grad_norm_(part.parameters(), clip)
         self.outer_step("meta")
         self.steps_done += 1
-        return {"loss": loss, "acc": torch.stack(accs).mean(), "inner_loss": torch.stack(inner).mean()}
+        return {"loss": loss, "acc": acc, "inner_loss": inner}
 
     def predict(self, episode) -> Tensor:
-        """X's query scores at the meta-learned θ, no fine-tuning (L2G sec. 3.3)."""
+        """X's query scores at the meta-learned θ, no fine-tuning (L2G sec. 3.3).
+
+        The forward goes through the inner loop's functional model at θ, in eval mode, so
+        BatchNorm follows the ``bn`` policy: "transductive" normalises with the statistics of
+        the episode's own batch (support and query images, embedded together as in
+        training), "running" with the running statistics, "per_step" with the per-step set
+        of step index 0 (θ is the network after 0 inner steps; set 0 is the one the inner
+        step's forward at θ updates in training).
+        """
         check_episode(self, episode)
-        with torch.no_grad():
-            return self.scorer(episode.support_x, episode.support_y, episode.query_x, episode.ways)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                net = self.inner.functional(step=0)
+                return net(episode.support_x, episode.support_y, episode.query_x, episode.ways)
+        finally:
+            self.train(was_training)
 
 
 @dataclass
@@ -310,11 +356,8 @@ class L2GRelationConfig(L2GConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(isinstance(self.relation_hidden, int) and self.relation_hidden >= 1,
-                f"learner option 'relation_hidden' must be an integer >= 1, "
-                f"got {self.relation_hidden!r}")
-        require(isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0,
-                f"learner option 'grad_clip' must be >= 0 (0 = off), got {self.grad_clip!r}")
+        positive_int(self.relation_hidden, "relation_hidden", 1)
+        positive_float(self.grad_clip, "grad_clip", allow_zero=True, note="(0 = off)")
 
 
 _L2G_PAPER = ("Lee, Na, Lee & Hwang, 'Learning to Generalize to Unseen Tasks with Bilevel "

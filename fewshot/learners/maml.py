@@ -30,64 +30,17 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from fewshot.inner_loop import ADAPT_PRESETS, BN_POLICIES, InnerLoop
 from fewshot.learners.base import Learner, LearnerConfig, require
-from fewshot.learners.protonet import check_batch, check_episode, mean_episode_update
+from fewshot.learners.common import (HeadNet, boolean, check_batch, check_episode, choice,
+                                     eval_mode, mean_episode_update, positive_float, positive_int)
+from fewshot.learners.batching import (batched_episode_update, batches_tasks, check_task_batching,
+                                       stack, support_loss)
 from fewshot.learners.registry import register_learner
 
-__all__ = ["MAML", "FOMAML", "HeadNet", "eval_mode", "check_positive_int"]
-
-
-class HeadNet(nn.Module):
-    """``head(backbone(x))``: a backbone with an N-way ``nn.Linear`` named ``head``.
-
-    The head is initialised by ``backbone.init_head`` when the backbone has one (Conv-4:
-    Xavier-uniform weights, zero bias as in MAML's code), else by PyTorch's default.
-    """
-
-    def __init__(self, backbone: nn.Module, ways: int):
-        super().__init__()
-        self.backbone = backbone
-        features = getattr(backbone, "out_features", None)
-        if not isinstance(features, int) or features < 1:
-            raise TypeError("the backbone must expose out_features (its flat feature size)")
-        self.head = nn.Linear(features, ways)
-        init = getattr(backbone, "init_head", None)
-        if callable(init):
-            init(self.head)
-
-    def forward(self, x: Tensor) -> Tensor:
-        z = self.backbone(x)
-        return self.head(z.reshape(z.shape[0], -1))
-
-
-class eval_mode:
-    """Context manager: put ``module`` in eval mode and restore its previous mode after.
-
-    Fine-tuning learners predict in eval mode so that a BatchNorm policy with running
-    statistics reads them (and never updates them) at test time, whatever mode the caller
-    left the learner in.
-    """
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def __enter__(self):
-        self.was_training = self.module.training
-        self.module.eval()
-        return self.module
-
-    def __exit__(self, *exc):
-        self.module.train(self.was_training)
-        return False
-
-
-def check_positive_int(value, option: str, minimum: int = 1) -> None:
-    """ConfigError unless ``value`` is an int >= ``minimum``."""
-    require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-            f"learner option '{option}' must be an integer >= {minimum}, got {value!r}")
+__all__ = ["MAML", "FOMAML"]
 
 
 @register_learner("maml")
@@ -117,6 +70,9 @@ class MAML(Learner):
         lr_per: "tensor" (one α per parameter tensor) or "layer" (one per module).
         meta_batch: tasks per outer step the trainer should draw (4 for 1-shot
             mini-ImageNet; Omniglot used 32). ``train_step`` averages over any number.
+        task_batching: "auto" (batched on CUDA when the tasks have equal shapes), "on" or
+            "off": adapt the meta-batch (and test episodes) as one batched computation
+            (:meth:`fewshot.inner_loop.InnerLoop.adapt_batched`).
         """
 
         lr: float = 1e-3
@@ -130,23 +86,20 @@ class MAML(Learner):
         learn_inner_lr: bool = False
         lr_per: str = "tensor"
         meta_batch: int = 4
+        task_batching: str = "auto"
 
         def validate(self) -> None:
             super().validate()
-            check_positive_int(self.ways, "ways", 1)
-            check_positive_int(self.inner_steps, "inner_steps", 0)
-            check_positive_int(self.eval_steps, "eval_steps", 0)
-            check_positive_int(self.meta_batch, "meta_batch", 1)
-            require(isinstance(self.inner_lr, (int, float)) and self.inner_lr > 0,
-                    f"learner option 'inner_lr' must be > 0, got {self.inner_lr!r}")
-            require(self.bn in BN_POLICIES, f"learner option 'bn' must be one of "
-                    f"{', '.join(BN_POLICIES)}, got {self.bn!r}")
-            require(self.adapt in ADAPT_PRESETS, f"learner option 'adapt' must be one of "
-                    f"{', '.join(ADAPT_PRESETS)}, got {self.adapt!r}")
-            require(self.lr_per in ("tensor", "layer"),
-                    f"learner option 'lr_per' must be 'tensor' or 'layer', got {self.lr_per!r}")
-            require(isinstance(self.first_order, bool),
-                    f"learner option 'first_order' must be true or false, got {self.first_order!r}")
+            check_task_batching(self.task_batching)
+            positive_int(self.ways, "ways", 1)
+            positive_int(self.inner_steps, "inner_steps", 0)
+            positive_int(self.eval_steps, "eval_steps", 0)
+            positive_int(self.meta_batch, "meta_batch", 1)
+            positive_float(self.inner_lr, "inner_lr")
+            choice(self.bn, "bn", BN_POLICIES)
+            choice(self.adapt, "adapt", ADAPT_PRESETS)
+            choice(self.lr_per, "lr_per", ("tensor", "layer"))
+            boolean(self.first_order, "first_order")
 
     def __init__(self, config=None, *, in_channels, image_size, num_classes=None, backbone=None):
         super().__init__(config, in_channels=in_channels, image_size=image_size,
@@ -181,6 +134,8 @@ class MAML(Learner):
         """
         episodes = check_batch(self, batch, self.config.ways)
         self.train()
+        if batches_tasks(self, episodes):
+            return batched_episode_update(self, self.loop, episodes)
         return mean_episode_update(self, episodes, self.task_loss)
 
     def predict(self, episode) -> Tensor:
@@ -191,6 +146,18 @@ class MAML(Learner):
                                       differentiable=False)
             with torch.no_grad():
                 return adapted(episode.query_x)
+
+    def predict_batch(self, episodes) -> Tensor:
+        """:meth:`predict` for T equal-shaped episodes at once: (T, Q, ways) query logits
+        (fine-tuning batched by ``adapt_batched``, no graph kept)."""
+        for ep in episodes:
+            check_episode(self, ep, self.config.ways)
+        with eval_mode(self):
+            adapted = self.loop.adapt_batched(support_loss, stack(episodes, "support_x"),
+                                              stack(episodes, "support_y"),
+                                              steps=self.config.eval_steps, differentiable=False)
+            with torch.no_grad():
+                return adapted(stack(episodes, "query_x"))
 
 
 @register_learner("fomaml")

@@ -31,6 +31,15 @@ The inner step w' = w − α ∂L_i/∂w runs through :class:`fewshot.inner_loop
   ∂J/∂w = ∂L_i/∂w|_w + η ∂L_j/∂w|_{w'}; α is still learned since
   ∂J/∂α_l = −η ⟨∂L_i/∂w_l|_w, ∂L_j/∂w_l|_{w'}⟩ needs first derivatives only.
 
+The end of sec. III-E adds that "one may only apply MLTP to the first convolutional layer as
+the first convolutional layer is closest to the input data" or "to the last fully connected
+layer considering that the last layer is closest to the output", as cost/accuracy trade-offs;
+the paper reports no numbers for them. They are the ``adapt`` choices ``"first_conv"`` (the
+first ``nn.Conv*`` module of the network) and ``"last_fc"`` (its last ``nn.Linear``, the
+classifier) of learner ``mltp`` (options ``adapt`` and ``first_order``; no registered names of
+their own): only that layer takes the inner step, every other parameter stays w in both terms
+of eq. 4 and still gets the full gradient of J, as in MLTP_conv / MLTP_fc.
+
 Policies this implementation fixes where the paper is silent:
 
 * Step sizes that turn negative (``alpha_negative``): ``"clamp"`` (default) projects α
@@ -62,10 +71,12 @@ from fewshot.learners.base import accuracy, require
 from fewshot.learners.registry import register_learner
 from fewshot.learners.standard import SupervisedConfig, SupervisedLearner
 
-_ADAPT = ("all", "conv", "fc")
+_ADAPT = ("all", "conv", "fc", "first_conv", "last_fc")
 _NEGATIVE = ("clamp", "error", "allow")
 _LAYER_WORDS = {"conv": "convolutional (nn.Conv*)", "fc": "fully-connected (nn.Linear)",
                 "all": "convolutional or fully-connected"}
+_LAYER_WORDS.update(first_conv=_LAYER_WORDS["conv"], last_fc=_LAYER_WORDS["fc"])
+_KIND = {"first_conv": "conv", "last_fc": "fc"}  # the layer kind a one-layer choice needs
 
 
 @dataclass
@@ -77,7 +88,8 @@ class MLTPConfig(SupervisedConfig):
     alpha_mean: float = 1e-3  # mean of the normal the per-layer α are drawn from
     alpha_std: float = 1e-3  # its standard deviation (0 = every α equals alpha_mean)
     learn_alpha: bool = True  # α updated by the optimiser of w (False: fixed hyper-parameter)
-    adapt: str = "all"  # which layers take the inner step: "all" | "conv" | "fc"
+    # which layers take the inner step: "all" | "conv" | "fc" | "first_conv" | "last_fc"
+    adapt: str = "all"
     first_order: bool = False  # drop the second derivatives (MLTP_FO)
     alpha_negative: str = "clamp"  # "clamp" | "error" | "allow" (see the module docstring)
 
@@ -180,7 +192,7 @@ class MLTP(SupervisedLearner):
     def _no_layers_message(self) -> str:
         c = self.config
         net = "the given backbone" if self._given_backbone is not None else f"'{c.backbone}'"
-        other = [k for k, n in self._layer_kinds().items() if n and k != c.adapt]
+        other = [k for k, n in self._layer_kinds().items() if n and k != _KIND.get(c.adapt, c.adapt)]
         hint = (f"; it has {', '.join(other)} layers: use adapt='{other[0]}' (learner "
                 f"'mltp_{other[0]}') or 'mltp'" if other else "")
         return (f"learner '{self.name}': adapt='{c.adapt}' selects no layer of network {net}, "
@@ -188,7 +200,8 @@ class MLTP(SupervisedLearner):
 
     def _check_has_layers(self) -> None:
         kinds = self._layer_kinds()
-        n = sum(kinds.values()) if self.config.adapt == "all" else kinds[self.config.adapt]
+        adapt = _KIND.get(self.config.adapt, self.config.adapt)
+        n = sum(kinds.values()) if adapt == "all" else kinds[adapt]
         if n == 0:
             raise ConfigError(self._no_layers_message())
 
@@ -221,6 +234,10 @@ class MLTP(SupervisedLearner):
         over B/2 images, the same as standard training's over B. (``train_step`` goes one
         step further: it back-propagates η L_j only and adds g_i to ``.grad``, which saves
         two passes over the weights; ``_fo_grads`` returns g_i for that.)
+
+        Longer than 60 lines on purpose: the first-order hooks are registered inside
+        ``loss_i``, removed in the ``finally`` around the inner step and read after it, so
+        the closure, the hooks and ``captured`` share one scope.
         """
         parts: Dict[str, object] = {}
         first_order = self.config.first_order
@@ -284,12 +301,7 @@ class MLTP(SupervisedLearner):
         opt.zero_grad(set_to_none=True)
         if c.first_order:  # ∂J/∂w = g_i + η ∂L_j/∂w|_{w'};  ∂J/∂α = −η ⟨g_i, ∂L_j/∂w|_{w'}⟩
             (c.eta * out["loss_j"]).backward()
-            with torch.no_grad():
-                for p, g in out["g_i"]:
-                    if p.grad is None:
-                        p.grad = g.clone()
-                    else:
-                        p.grad.add_(g)
+            _add_to_grads(out["g_i"])
         else:
             J.backward()  # ∂J/∂w (second order) and ∂J/∂α
         self.outer_step("meta")  # line 7: w ← w − r ∂J/∂w, α ← α − r ∂J/∂α (+ β w)
@@ -298,7 +310,7 @@ class MLTP(SupervisedLearner):
             self._clamp_alpha()
         elif c.learn_alpha and c.alpha_negative == "error":
             self._refuse_negative_alpha()
-        alphas = torch.cat([a.detach().reshape(-1) for a in self.step_sizes().values()])
+        alphas = self.inner.alpha.detach()  # every α_l (step_sizes() are views of it)
         acc = 0.5 * (accuracy(out["logits_i"].detach(), y_i)
                      + accuracy(out["logits_j"].detach(), y_j))
         return {"loss": J.detach(), "loss_i": out["loss_i"].detach(),
@@ -312,6 +324,19 @@ class MLTP(SupervisedLearner):
                     f"learner '{self.name}': step size α of layer '{name}' turned negative "
                     f"({float(a.detach().min()):.3g}) at step {self.steps_done}; set "
                     f"alpha_negative='clamp' (project onto α >= 0) or lower 'lr'")
+
+
+def _add_to_grads(pairs) -> None:
+    """``p.grad += g`` for each ``(p, g)``, as one multi-tensor operation (no per-tensor
+    Python loop of kernels); ``g`` becomes ``p.grad`` where there was none (``g`` is a fresh
+    gradient owned by no one else, so no copy is needed)."""
+    with torch.no_grad():
+        have = [(p.grad, g) for p, g in pairs if p.grad is not None]
+        for p, g in pairs:
+            if p.grad is None:
+                p.grad = g
+        if have:
+            torch._foreach_add_([a for a, _ in have], [g for _, g in have])
 
 
 @register_learner("mltp_conv")

@@ -14,17 +14,10 @@ mini-ImageNet). Each iteration, for a batch of tasks τ_i ~ p(τ):
 where L_(x,y) is the C-way cross-entropy over *all* instances of the sampled tasks with
 their base-class labels (the episodes' ``base_support_y`` / ``base_query_y``). Lines 7 and
 9 are both evaluated at the same θ and the two moved copies are averaged with weight β on
-the meta-learner (the paper's convention, used by the config: ``beta``). The authors'
-public code weights the *transfer* copy with its "β = 0.1"; that is ``beta = 0.9`` here,
-the default. β = 1 is the plain meta-learner, β = 0 plain transfer learning. θ is every
+the meta-learner (the paper's convention, used by the config: ``beta``; default 0.9). β = 1 is the plain meta-learner, β = 0 plain transfer learning. θ is every
 parameter: line 9 leaves the N-way head where it is and line 7/8 leaves the C-way head, so
 line 10 moves the N-way head by β times its meta update and the C-way head by (1 − β) times
 its transfer update, as the formula says.
-
-Distributed training: each side hands its update to an optimiser as a gradient (Reptile's
-pseudo-gradient −mean_i(θ_i − θ), MAML's meta-gradient, the transfer gradient), so
-:meth:`Learner.outer_step` averages it over ranks before the step; the combination is then
-the same on every rank.
 
 The k inner steps go through :class:`fewshot.inner_loop.InnerLoop`; ``loss_fn`` picks
 sub-batch t at step t. Sub-batches: with ``inner_batch`` = B (default 20, the authors'
@@ -36,11 +29,38 @@ MTL+MAML adapts on the support set and takes line 7's loss on the query set (MAM
 train/test split of a task); MTL+Reptile adapts on all of the task's examples (support and
 query), as Reptile has no query loss.
 
+The authors' code (github.com/erfaneshrati/meta-transfer-learning, TensorFlow on OpenAI's
+Reptile code; ``supervised_mtl/reptile.py``, ``Reptile.train_metatransfer_step``) differs
+from line 10 as written, and ``mode = "authors"`` (MTL+Reptile only) reproduces it:
+
+* for each task τ_i in turn: k inner Adam steps from θ give θ_i; back at θ, *one* transfer
+  step on the C-way loss of the task's k inner mini-batches (concatenated, repeats
+  included) gives φ_i; back at θ. θ_meta = θ + ε mean_i(θ_i − θ), θ_disc = mean_i φ_i.
+* with their hard-coded "β = 0.1" on the transfer copy (our β = 0.9) they average the
+  two *moved* copies, θ + (1 − 0.1)(θ_meta − θ) and θ + 0.1 (θ_disc − θ), so
+      θ ← ½ θ + ½ (β θ_meta + (1 − β) θ_disc)
+  i.e. half of line 10's step: weights 0.45 on the meta move and 0.05 on the transfer
+  move (the same 9 : 1 ratio as β = 0.9 in line 10, half the step).
+* the inner Adam and the transfer Adam are TensorFlow optimisers whose moments (and step
+  counts) are not part of the variables restored to θ, so both keep their state across
+  tasks and iterations. The tasks of an iteration are therefore *sequential* in authors
+  mode (task i's inner steps start from the Adam state task i−1 left); it runs them one
+  after the other on one process (no rank averaging), and needs ``bn = "transductive"``
+  (their BatchNorm always uses batch statistics).
+
+The default ``mode = "paper"`` is Algorithm 1 as printed: one transfer step on all the
+tasks' images, line 10 with the full step, and an inner loop whose Adam state is new for
+every task (tasks independent of each other; a choice: the paper does not say, and the
+authors' code does otherwise, see above). Not reproduced in either mode: the authors' TF
+Adam puts ε on the un-corrected √v (torch.optim.Adam on the corrected one), and their
+sampler draws a task's classes with replacement.
+
 Step sizes and optimisers. ``lr`` is α_outer. The paper writes Σ_i; we use the mean over
 the meta-batch (Reptile's and MAML's batched code), i.e. α_outer(paper) = lr / meta-batch.
 Each update can be the paper's plain gradient step ("sgd") or an Adam step, as the authors'
 code does, where each head's loss has its own Adam with β1 = 0 (the transfer step's Adam
-keeps its moments across iterations; the inner loop's Adam starts afresh for each task).
+keeps its moments across iterations; in the default mode the inner loop's Adam starts
+afresh for each task, where the authors' code keeps it, see ``mode = "authors"`` above).
 Defaults (where the 2-page paper is silent, the authors' code): Conv-4 with 32 filters,
 both heads zero-initialised, k = 10 inner steps on batches of 20, α_inner = α_d = 1e-3
 with Adam (β1 = 0), meta-batch 5 and 15 training shots (sampler settings), 100,000
@@ -58,7 +78,10 @@ stochastic gradient descent will be used"): a new zero-initialised N-way head fo
 episode's N (any N: 5, 20, 35 ways), ``eval_steps`` plain SGD steps of size ``eval_lr``
 on mini-batches of at most ``eval_batch`` support examples (all parameters adapt), then
 the query logits. BatchNorm: the ``bn`` policy of the inner loop, "transductive" by
-default (Reptile's and MAML's reference behaviour: batch statistics in training and test).
+default (Reptile's and MAML's reference behaviour: batch statistics in training and test);
+under "per_step" (MTL+MAML only) fine-tuning step s reads the training loop's statistics of
+step min(s, k). MTL+Reptile refuses "per_step", and "running" at β = 1: Reptile's side has no
+forward after the inner steps, so nothing would learn those statistics.
 """
 from __future__ import annotations
 
@@ -70,12 +93,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.errors import ConfigError, DataError
-from fewshot.inner_loop import BN_POLICIES, InnerLoop
+from fewshot.inner_loop import BN_POLICIES, InnerLoop, batched_oom_guard
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
-from fewshot.learners.maml import check_positive_int, eval_mode
-from fewshot.learners.protonet import check_batch, check_episode
+from fewshot.learners.common import (check_batch, check_episode, eval_mode, minibatch_indices,
+                                     minibatch_loss, positive_float, positive_int)
+from fewshot.learners.batching import batched_query_loss, batches_tasks, check_task_batching, stack
 from fewshot.learners.registry import register_learner
-from fewshot.learners.reptile import minibatch_indices, minibatch_loss
 
 __all__ = ["MTLNet", "MTLConfig", "MTLMAML", "MTLReptile", "sub_batches"]
 
@@ -149,6 +172,24 @@ def _zero_linear(d_in: int, d_out: int, like: Optional[Tensor] = None) -> nn.Lin
     return layer
 
 
+def _copy_per_step_stats(source: InnerLoop, target: InnerLoop) -> None:
+    """Give ``target``'s step s the per-step BatchNorm statistics of ``source``'s step
+    min(s, T_source) (MAML++'s policy: steps beyond the trained ones read the last set), so
+    that test-time fine-tuning with a new loop normalises with the learned statistics."""
+    last = source.steps
+    for k in range(len(source._bn_names)):
+        for kind in ("mean", "var"):
+            src, dst = getattr(source, f"bn_{kind}_{k}"), getattr(target, f"bn_{kind}_{k}")
+            idx = torch.clamp(torch.arange(dst.shape[0], device=src.device), max=last)
+            dst.copy_(src[idx])
+
+
+@torch.no_grad()
+def _load(params: List[Tensor], values: List[Tensor]) -> None:
+    for p, v in zip(params, values):
+        p.copy_(v)
+
+
 def _not_base_head(name: str, param, module) -> bool:
     return not name.startswith("base_head.")
 
@@ -159,7 +200,8 @@ class MTLConfig(LearnerConfig):
 
     lr: α_outer, the meta-learner step (Reptile: interpolation 1.0; MAML: Adam 1e-3).
     meta_optimizer: "sgd" (the paper's plain step) or "adam" for line 7/8.
-    beta: β of line 10, weight of the meta-learner's copy, in [0, 1] (0.9 = the code's 0.1).
+    beta: β of line 10, weight of the meta-learner's copy, in [0, 1] (0.9: the authors' code's
+        "0.1" on the transfer copy; their update is half of line 10's, see ``mode``).
     ways: N of the training tasks' head (every training episode must be N-way).
     inner_steps: k, inner steps per task (10).
     inner_batch: examples per sub-batch (20); None splits the task into k parts.
@@ -171,6 +213,10 @@ class MTLConfig(LearnerConfig):
     eval_steps, eval_lr, eval_batch: test-time SGD fine-tuning of a new N-way head.
     bn: BatchNorm policy of the inner loop ("transductive", "running", "per_step").
     seed: seed of the sub-batch shuffles.
+    mode: "paper" (Algorithm 1 as printed) or "authors" (MTL+Reptile only: the authors'
+        update, sequential tasks, see the module docstring).
+    task_batching: "auto" | "on" | "off": the meta side's inner loops (and test-time
+        fine-tuning) as one batched computation over equal-shaped tasks.
     """
 
     lr: float = 1.0
@@ -191,25 +237,33 @@ class MTLConfig(LearnerConfig):
     eval_batch: Optional[int] = 128
     bn: str = "transductive"
     seed: int = 0
+    mode: str = "paper"
+    task_batching: str = "auto"
 
     def validate(self) -> None:
         super().validate()
+        check_task_batching(self.task_batching)
+        require(self.mode in ("paper", "authors"), f"learner option 'mode' must be 'paper' "
+                f"(Algorithm 1 as printed) or 'authors' (the authors' code), got {self.mode!r}")
+        if self.mode == "authors":
+            require(self.bn == "transductive" and self.meta_optimizer == "sgd",
+                    "learner option mode='authors' reproduces the authors' code: it needs "
+                    "bn='transductive' and meta_optimizer='sgd' (Reptile's interpolation)")
         require(isinstance(self.beta, (int, float)) and not isinstance(self.beta, bool)
                 and 0.0 <= self.beta <= 1.0,
                 f"learner option 'beta' (β of MTL Algorithm 1, line 10: the meta-learner's "
                 f"weight) must lie in [0, 1], got {self.beta!r}")
-        check_positive_int(self.ways, "ways", 1)
-        check_positive_int(self.inner_steps, "inner_steps", 1)
-        check_positive_int(self.eval_steps, "eval_steps", 0)
-        check_positive_int(self.anneal_steps, "anneal_steps", 0)
+        positive_int(self.ways, "ways", 1)
+        positive_int(self.inner_steps, "inner_steps", 1)
+        positive_int(self.eval_steps, "eval_steps", 0)
+        positive_int(self.anneal_steps, "anneal_steps", 0)
         for opt in ("inner_batch", "eval_batch"):
             v = getattr(self, opt)
             if v is not None:
-                check_positive_int(v, opt, 1)
+                positive_int(v, opt, 1)
         for opt in ("inner_lr", "transfer_lr", "eval_lr"):
             v = getattr(self, opt)
-            require(isinstance(v, (int, float)) and v > 0,
-                    f"learner option '{opt}' must be > 0, got {v!r}")
+            positive_float(v, opt)
         for opt in ("meta_optimizer", "inner_optimizer", "transfer_optimizer"):
             require(getattr(self, opt) in ("sgd", "adam"),
                     f"learner option '{opt}' must be 'sgd' or 'adam', got {getattr(self, opt)!r}")
@@ -235,6 +289,16 @@ class _MTL(Learner):
             raise ConfigError(f"learner '{self.name}' needs num_classes (the C base classes of "
                               f"the training split) for its transfer head when beta < 1 "
                               f"(beta={cfg.beta})")
+        if self.variant == "reptile" and (cfg.bn == "per_step" or (cfg.bn == "running"
+                                                                and cfg.beta == 1)):
+            raise ConfigError(f"learner '{self.name}': bn={cfg.bn!r} with beta={cfg.beta} leaves "
+                              "the test-time statistics unlearned (Reptile's side has no forward "
+                              "after the inner steps; only the transfer step updates running "
+                              "statistics); use 'transductive'")
+        if cfg.mode == "authors" and self.variant != "reptile":
+            raise ConfigError(f"learner '{self.name}': mode='authors' reproduces the authors' "
+                              "Reptile update only (their 'MAML' is first-order FOML); use "
+                              "mtl+reptile or mode='paper'")
         #: f_θ: shared features, N-way ``head``, C-way ``base_head``
         self.net = MTLNet(self.make_backbone(), cfg.ways, num_classes if cfg.beta < 1 else None)
         #: the k inner steps of lines 5-6 (adapts the features and the N-way head)
@@ -254,6 +318,9 @@ class _MTL(Learner):
             transfer_params = list(self.net.backbone.parameters()) + list(self.net.base_head.parameters())
             self.optimizers["transfer"] = self._optimizer(transfer_params, cfg.transfer_optimizer,
                                                           cfg.transfer_lr, beta1=cfg.adam_beta1)
+        if cfg.mode == "authors":  # one inner optimiser for the whole run (its state persists)
+            self.optimizers["inner"] = self._optimizer(meta_params, cfg.inner_optimizer,
+                                                       cfg.inner_lr, beta1=cfg.adam_beta1)
         self._rng = torch.Generator().manual_seed(int(cfg.seed))
 
     @staticmethod
@@ -320,6 +387,8 @@ class _MTL(Learner):
         n = len(episodes)
         losses, accs = [], []
         meta_params = [p for g in self.optimizers["meta"].param_groups for p in g["params"]]
+        if batches_tasks(self, episodes):
+            return self._meta_side_batched(episodes, meta_params)
         if self.variant == "maml":
             for ep in episodes:
                 adapted, _ = self._adapt(ep.support_x, ep.support_y, differentiable=True)
@@ -346,6 +415,47 @@ class _MTL(Learner):
         self.outer_step("meta")
         return {"meta_loss": torch.stack(losses).mean(), "meta_acc": torch.stack(accs).mean()}
 
+    def _meta_side_batched(self, episodes, meta_params) -> Dict[str, Tensor]:
+        """:meth:`_meta_side` with the T tasks' k inner steps as one batched computation.
+
+        Sub-batches are drawn task by task from the learner's generator, as sequentially;
+        MAML (line 7): one backward of (1/T) Σ_i L_i(θ_i; query_i); Reptile (line 8): the
+        gradient −(1/T) Σ_i (θ_i − θ).
+        """
+        n, maml = len(episodes), self.variant == "maml"
+        if maml:
+            x, y = stack(episodes, "support_x"), stack(episodes, "support_y")
+        else:
+            x = torch.stack([torch.cat([ep.support_x, ep.query_x]) for ep in episodes])
+            y = torch.stack([torch.cat([ep.support_y, ep.query_y]) for ep in episodes])
+        draws = [sub_batches(x.shape[1], self.config.inner_steps, self.config.inner_batch, self._rng)
+                 for _ in episodes]
+        rows = [torch.stack([d[t] for d in draws]).to(x.device) for t in range(len(draws[0]))]
+
+        def loss_fn(net, x_i, y_i, *rows_i):
+            r = rows_i[net.step]
+            logits = net(x_i[r])
+            loss = F.cross_entropy(logits, y_i[r])
+            return loss, (accuracy(logits.detach(), y_i[r]),)
+
+        with batched_oom_guard(n, f"learner '{self.name}'"):
+            adapted = self.inner.adapt_batched(loss_fn, x, y, *rows, differentiable=maml)
+            if maml:
+                losses, accs = batched_query_loss(adapted(stack(episodes, "query_x")),
+                                                  stack(episodes, "query_y"))
+                losses.mean().backward()
+                loss, acc = losses.detach().mean(), accs.mean()
+        if not maml:
+            theta = list(self.net.parameters())
+            index = {id(p): k for k, p in enumerate(theta)}
+            stacked = adapted.stacked_params()
+            for p in meta_params:
+                q = stacked[index[id(p)]]
+                p.grad = -((q.detach() - p.detach()).sum(0) / n)
+            loss, acc = adapted.inner_losses[-1].mean(), adapted.aux[-1][0].mean()
+        self.outer_step("meta")
+        return {"meta_loss": loss, "meta_acc": acc}
+
     def _transfer_side(self, episodes) -> Dict[str, Tensor]:
         """Line 9: one step of the C-way loss over all instances of the sampled tasks."""
         x = torch.cat([torch.cat([ep.support_x, ep.query_x]) for ep in episodes])
@@ -362,6 +472,8 @@ class _MTL(Learner):
         for ep in episodes:
             self._check_task(ep)
         self.train()
+        if self.config.mode == "authors":
+            return self._authors_step(episodes)
         beta = float(self.config.beta)
         params = list(self.net.parameters())
         theta = [p.detach().clone() for p in params]
@@ -396,6 +508,75 @@ class _MTL(Learner):
         metrics["acc"] = metrics["meta_acc"] if beta > 0 else metrics["transfer_acc"]
         return metrics
 
+    # --------------------------------------------------------------- authors mode
+    def _authors_task(self, ep, theta: List[Tensor]):
+        """One task of the authors' update from θ: (θ_i, φ_i, metrics); θ is restored."""
+        cfg = self.config
+        params = list(self.net.parameters())
+        x = torch.cat([ep.support_x, ep.query_x])
+        y = torch.cat([ep.support_y, ep.query_y])
+        batches = [b.to(x.device) for b in sub_batches(x.shape[0], cfg.inner_steps,
+                                                       cfg.inner_batch, self._rng)]
+        net, out = self.inner.functional(), {}
+        for rows in batches:  # k steps of the run-long inner optimiser (state kept)
+            logits = net(x[rows])
+            loss = F.cross_entropy(logits, y[rows])
+            self.optimizers["inner"].zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizers["inner"].step()
+            out["meta_loss"], out["meta_acc"] = loss.detach(), accuracy(logits.detach(), y[rows])
+        theta_i = [p.detach().clone() for p in params]
+        _load(params, theta)
+        phi_i = theta
+        if self.net.base_head is not None:  # one transfer step on the k mini-batches' images
+            rows = torch.cat(batches)
+            yb = torch.cat([ep.base_support_y, ep.base_query_y])[rows]
+            self._check_base(yb)
+            logits = self.net(x[rows], base=True)
+            loss = F.cross_entropy(logits, yb)
+            self.optimizers["transfer"].zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizers["transfer"].step()
+            out["transfer_loss"], out["transfer_acc"] = loss.detach(), accuracy(logits.detach(), yb)
+            phi_i = [p.detach().clone() for p in params]
+            _load(params, theta)
+        return theta_i, phi_i, out
+
+    def _authors_step(self, episodes) -> Dict[str, Tensor]:
+        """The authors' update (module docstring): θ ← ½θ + ½(β θ_meta + (1 − β) θ_disc),
+        tasks in sequence, run-long inner and transfer Adam states."""
+        beta = float(self.config.beta)
+        cfg = self.config  # ε: α_outer, annealed linearly as the meta scheduler does
+        eps = cfg.lr * (max(0.0, 1.0 - self.steps_done / cfg.anneal_steps) if cfg.anneal_steps else 1.0)
+        params = list(self.net.parameters())
+        theta = [p.detach().clone() for p in params]
+        d_meta = [torch.zeros_like(t) for t in theta]
+        d_disc = [torch.zeros_like(t) for t in theta]
+        per_task = []
+        for ep in episodes:
+            theta_i, phi_i, out = self._authors_task(ep, theta)
+            for dm, dd, t, a, b in zip(d_meta, d_disc, theta, theta_i, phi_i):
+                dm.add_(a - t)
+                dd.add_(b - t)
+            per_task.append(out)
+        n = len(episodes)
+        with torch.no_grad():
+            for p, t, dm, dd in zip(params, theta, d_meta, d_disc):
+                p.copy_(t + 0.5 * beta * eps * dm / n + 0.5 * (1.0 - beta) * dd / n)
+                p.grad = None
+        metrics = {k: torch.stack([o[k] for o in per_task]).mean() for k in per_task[0]}
+        metrics["loss"] = beta * metrics["meta_loss"] + (1.0 - beta) * metrics.get(
+            "transfer_loss", torch.zeros(()))
+        metrics["acc"] = metrics["meta_acc"]
+        self.check_finite(metrics["loss"], self.steps_done)
+        self.steps_done += 1
+        return metrics
+
+    def _check_base(self, y: Tensor) -> None:
+        if int(y.min()) < 0 or int(y.max()) >= self.net.base_head.out_features:
+            raise DataError(f"base-class labels {int(y.min())}..{int(y.max())} do not fit the "
+                            f"C-way head (C = num_classes = {self.net.base_head.out_features})")
+
     # ------------------------------------------------------------------------ test
     def supports_ways(self, ways: int) -> bool:
         """Any N: :meth:`predict` puts a new N-way head on the features (``ways`` is only
@@ -409,6 +590,8 @@ class _MTL(Learner):
         head = _zero_linear(self.net.head.in_features, episode.ways, self.net.head.weight)
         net = _FineTuneNet(self.net.backbone, head)
         loop = InnerLoop(net, steps=cfg.eval_steps, lr=cfg.eval_lr, bn=cfg.bn, optimizer="sgd")
+        if cfg.bn == "per_step":  # fine-tuning step s reads the training set min(s, k)
+            _copy_per_step_stats(self.inner, loop)
         x, y = episode.support_x, episode.support_y
         n = x.shape[0]
         batch = None if cfg.eval_batch is None else min(cfg.eval_batch, n)
@@ -426,6 +609,33 @@ class _MTL(Learner):
             adapted = loop.adapt(loss_fn, differentiable=False)
             with torch.no_grad():
                 return adapted(episode.query_x)
+
+    def predict_batch(self, episodes) -> Tensor:
+        """:meth:`predict` for T equal-shaped episodes at once: (T, Q, ways) logits (each task
+        its own new zero head and the same sub-batch rows as :meth:`predict` draws)."""
+        for ep in episodes:
+            check_episode(self, ep)
+        cfg = self.config
+        head = _zero_linear(self.net.head.in_features, episodes[0].ways, self.net.head.weight)
+        loop = InnerLoop(_FineTuneNet(self.net.backbone, head), steps=cfg.eval_steps,
+                         lr=cfg.eval_lr, bn=cfg.bn, optimizer="sgd")
+        x, y = stack(episodes, "support_x"), stack(episodes, "support_y")
+        n = x.shape[1]
+        batch = None if cfg.eval_batch is None else min(cfg.eval_batch, n)
+        g = torch.Generator().manual_seed(int(cfg.seed))
+        batches = [b.to(x.device) for b in sub_batches(n, cfg.eval_steps, batch, g)] \
+            if batch is not None else None
+
+        def loss_fn(net_, x_i, y_i):
+            if batches is None:
+                return F.cross_entropy(net_(x_i), y_i)
+            b = batches[net_.step]
+            return F.cross_entropy(net_(x_i[b]), y_i[b])
+
+        with eval_mode(self):
+            adapted = loop.adapt_batched(loss_fn, x, y, differentiable=False)
+            with torch.no_grad():
+                return adapted(stack(episodes, "query_x"))
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self, *args, **kwargs):  # type: ignore[override]

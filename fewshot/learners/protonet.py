@@ -19,132 +19,19 @@ returns the logits −d(f_φ(x), c_k) of the episode's queries.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fewshot.errors import ConfigError
-from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
+from fewshot.learners.base import Learner, LearnerConfig
+from fewshot.learners.common import (check_batch, check_episode, check_lr_halve_every,
+                                     halve_lr_every, mean_episode_update, prototypes,
+                                     squared_euclidean_logits)
 from fewshot.learners.registry import register_learner
 
-__all__ = ["ProtoNet", "prototypes", "squared_euclidean_logits", "check_images",
-           "check_batch", "check_lr_halve_every", "halve_lr_every", "mean_episode_update"]
-
-
-def check_images(learner: Learner, x: Tensor, what: str = "episode") -> None:
-    """Refuse images that do not fit the learner's ``in_channels`` x ``image_size``.
-
-    The backbone is built for (C, H, W) = (in_channels, image_size, image_size); an
-    episode of another shape would fail deep inside a convolution with an unreadable
-    message, so it is caught here.
-    """
-    if x.dim() != 4:
-        raise ConfigError(f"{what} images must be a (B, C, H, W) tensor, got shape "
-                          f"{tuple(x.shape)}")
-    c, h, w = x.shape[1:]
-    if (c, h, w) != (learner.in_channels, learner.image_size, learner.image_size):
-        raise ConfigError(
-            f"{what} images are {c}x{h}x{w} but learner '{learner.name}' was built for "
-            f"{learner.in_channels}x{learner.image_size}x{learner.image_size}; build the "
-            f"learner with the dataset's in_channels/image_size or resize the images")
-    if not x.is_floating_point():
-        raise ConfigError(f"{what} images must be float tensors (normalised), got {x.dtype}")
-
-
-def check_batch(learner: Learner, episodes: Sequence, ways: int | None = None) -> List:
-    """Validate a meta-batch (a non-empty list of episodes) and return it as a list.
-
-    Each episode passes :meth:`Learner.check_episode` (labels in ``0..N-1``, matching
-    support/query shapes) and :func:`check_images`; every class needs at least one
-    support example; ``ways`` (when given) is the N the learner's head was built for.
-    """
-    if not isinstance(episodes, (list, tuple)) or len(episodes) == 0:
-        raise ConfigError(f"learner '{learner.name}' trains on a non-empty list of episodes, "
-                          f"got {type(episodes).__name__}")
-    for ep in episodes:
-        check_episode(learner, ep, ways)
-    return list(episodes)
-
-
-def check_episode(learner: Learner, ep, ways: int | None = None) -> None:
-    """:func:`check_batch` for one episode."""
-    learner.check_episode(ep)
-    check_images(learner, ep.support_x, "support")
-    check_images(learner, ep.query_x, "query")
-    if ep.support_x.shape[0] != ep.support_y.shape[0] or ep.query_x.shape[0] != ep.query_y.shape[0]:
-        raise ConfigError(f"episode has {ep.support_x.shape[0]} support images for "
-                          f"{ep.support_y.shape[0]} labels and {ep.query_x.shape[0]} query images "
-                          f"for {ep.query_y.shape[0]} labels; they must match")
-    if ways is not None and ep.ways != ways:
-        raise ConfigError(f"learner '{learner.name}' was configured with ways={ways} but the "
-                          f"episode is {ep.ways}-way; set the learner option 'ways' to {ep.ways}")
-    if ep.support_y.numel() == 0 or bool((ep.shots == 0).any()):
-        raise ConfigError(f"episode has a class without support examples (shots per class "
-                          f"{ep.shots.tolist()}); every class needs at least one")
-
-
-def prototypes(embeddings: Tensor, labels: Tensor, ways: int) -> Tensor:
-    """c_k = mean of the support embeddings of class k (Snell et al. eq. 1), (ways, D).
-
-    Works for any number of shots per class (variable-shot episodes).
-    """
-    onehot = F.one_hot(labels, ways).to(embeddings.dtype)  # (S, N)
-    sums = onehot.t() @ embeddings  # (N, D)
-    counts = onehot.sum(0).clamp_min(1).unsqueeze(1)
-    return sums / counts
-
-
-def squared_euclidean_logits(queries: Tensor, protos: Tensor) -> Tensor:
-    """−‖f_φ(x) − c_k‖² for each query and prototype, (Q, N) (Snell et al. eq. 2).
-
-    Computed as the difference itself (not ‖a‖² + ‖b‖² − 2a·b, which cancels badly when
-    queries lie close to a prototype).
-    """
-    diff = queries.unsqueeze(1) - protos.unsqueeze(0)  # (Q, N, D)
-    return -(diff * diff).sum(-1)
-
-
-def check_lr_halve_every(value) -> None:
-    """ConfigError unless the option ``lr_halve_every`` is an integer >= 0 (0 = never)."""
-    require(isinstance(value, int) and value >= 0,
-            f"learner option 'lr_halve_every' must be an integer >= 0 (0 = never), "
-            f"got {value!r}")
-
-
-def halve_lr_every(learner: Learner, every: int, optimizer_name: str = "meta") -> None:
-    """Halve the learning rate of ``learner.optimizers[optimizer_name]`` every ``every`` outer
-    steps (a StepLR with gamma 0.5, stepped by :meth:`Learner.outer_step`); 0 = constant."""
-    if every:
-        learner.schedulers[optimizer_name] = torch.optim.lr_scheduler.StepLR(
-            learner.optimizers[optimizer_name], step_size=every, gamma=0.5)
-
-
-def mean_episode_update(learner: Learner, episodes: List,
-                        episode_loss: Callable[[object], Tuple[Tensor, Tensor]],
-                        optimizer_name: str = "meta", **outer_options) -> Dict[str, Tensor]:
-    """One outer step on the mean of ``episode_loss`` over ``episodes``; returns loss / acc.
-
-    ``episode_loss(ep) -> (loss, (Q, N) scores)``. Each episode's ``loss / n`` is
-    back-propagated on its own, so its graph is freed before the next episode is processed
-    (memory holds one task at a time); the gradient is that of the mean. Then a
-    non-finite check, :meth:`Learner.outer_step` (``outer_options``: clipping) and the
-    step count. Metrics: mean loss and mean query accuracy of the scores' arg-max.
-    """
-    learner.optimizers[optimizer_name].zero_grad(set_to_none=True)
-    losses, accs = [], []
-    n = len(episodes)
-    for ep in episodes:
-        loss, scores = episode_loss(ep)
-        (loss / n).backward()
-        losses.append(loss.detach())
-        accs.append(accuracy(scores.detach(), ep.query_y))
-    loss = torch.stack(losses).mean()
-    learner.check_finite(loss, learner.steps_done)
-    learner.outer_step(optimizer_name, **outer_options)
-    learner.steps_done += 1
-    return {"loss": loss, "acc": torch.stack(accs).mean()}
+__all__ = ["ProtoNet", "prototypes", "squared_euclidean_logits"]
 
 
 @register_learner("protonet")
@@ -206,7 +93,16 @@ class ProtoNet(Learner):
         return mean_episode_update(self, episodes, self.episode_loss)
 
     def predict(self, episode) -> Tensor:
-        """Query logits from the support prototypes; no fine-tuning (Snell et al.)."""
+        """Query logits from the support prototypes; no fine-tuning (Snell et al.).
+
+        Always in eval mode (BatchNorm reads its running statistics and never updates them),
+        whatever mode the caller left the learner in.
+        """
         check_episode(self, episode)
-        with torch.no_grad():
-            return self.episode_logits(episode)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self.episode_logits(episode)
+        finally:
+            self.train(was_training)

@@ -13,6 +13,7 @@ import pkgutil
 from typing import Dict, Type
 
 from fewshot.errors import ConfigError, unknown_name
+from fewshot.learners.base import Learner
 
 _REGISTRY: Dict[str, type] = {}
 _LOADED = False
@@ -24,8 +25,6 @@ def register_learner(name: str):
     """Class decorator: register a Learner subclass under ``name``."""
 
     def deco(cls):
-        from fewshot.learners.base import Learner
-
         if not (isinstance(cls, type) and issubclass(cls, Learner)):
             raise ConfigError(f"@register_learner('{name}') must decorate a Learner subclass")
         existing = _REGISTRY.get(name)

@@ -34,19 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fewshot.errors import ConfigError
-from fewshot.learners.base import Learner, LearnerConfig, require
-from fewshot.learners.maml import check_positive_int
-from fewshot.learners.protonet import (check_batch, check_episode, halve_lr_every,
-                                       mean_episode_update)
+from fewshot.learners.base import Learner, LearnerConfig
+from fewshot.learners.common import (check_batch, check_episode, class_sums, halve_lr_every, mean_episode_update,
+                                     positive_float, positive_int)
 from fewshot.learners.registry import register_learner
 
-__all__ = ["RelationNet", "class_sums"]
-
-
-def class_sums(maps: Tensor, labels: Tensor, ways: int) -> Tensor:
-    """ρ_c = Σ_{x ∈ S_c} f_θ(x) (L2G eq. 9): (S, C, h, w) maps -> (ways, C, h, w)."""
-    onehot = F.one_hot(labels, ways).to(maps.dtype)  # (S, N)
-    return (onehot.t() @ maps.reshape(maps.shape[0], -1)).reshape(ways, *maps.shape[1:])
+__all__ = ["RelationNet"]
 
 
 @register_learner("relationnet")
@@ -80,10 +73,9 @@ class RelationNet(Learner):
 
         def validate(self) -> None:
             super().validate()
-            check_positive_int(self.lr_halve_every, "lr_halve_every", 0)
-            check_positive_int(self.relation_hidden, "relation_hidden", 1)
-            require(isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0,
-                    f"learner option 'grad_clip' must be >= 0 (0 = off), got {self.grad_clip!r}")
+            positive_int(self.lr_halve_every, "lr_halve_every", 0)
+            positive_int(self.relation_hidden, "relation_hidden", 1)
+            positive_float(self.grad_clip, "grad_clip", allow_zero=True, note="(0 = off)")
 
     def __init__(self, config=None, *, in_channels, image_size, num_classes=None, backbone=None):
         super().__init__(config, in_channels=in_channels, image_size=image_size,
@@ -126,7 +118,16 @@ class RelationNet(Learner):
             clip_groups=[self.encoder.parameters(), self.relation.parameters()])
 
     def predict(self, episode) -> Tensor:
-        """Relation scores (Q, N) of the queries; no fine-tuning (Sung et al.)."""
+        """Relation scores (Q, N) of the queries; no fine-tuning (Sung et al.).
+
+        Always in eval mode (BatchNorm reads its running statistics and never updates them),
+        whatever mode the caller left the learner in.
+        """
         check_episode(self, episode)
-        with torch.no_grad():
-            return self.episode_scores(episode)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self.episode_scores(episode)
+        finally:
+            self.train(was_training)

@@ -36,43 +36,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fewshot.inner_loop import BN_POLICIES, InnerLoop
+from fewshot.inner_loop import batched_oom_guard
+from fewshot.learners.batching import batches_tasks, check_task_batching, stack
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
-from fewshot.learners.maml import HeadNet, check_positive_int, eval_mode
-from fewshot.learners.protonet import check_batch, check_episode
+from fewshot.learners.common import (HeadNet, check_batch, check_episode, choice, eval_mode,
+                                     fraction, minibatch_indices, minibatch_loss,
+                                     positive_float, positive_int)
 from fewshot.learners.registry import register_learner
 
-__all__ = ["Reptile", "minibatch_indices", "minibatch_loss"]
-
-
-def minibatch_indices(n: int, batch: Optional[int], steps: int, generator: torch.Generator) -> List[Tensor]:
-    """Row indices of the ``steps`` inner mini-batches over ``n`` examples.
-
-    As Reptile's ``_mini_batches``: the examples are shuffled, consumed ``batch`` at a time,
-    and reshuffled when exhausted (a batch may span two shuffles). ``batch=None`` or
-    ``batch >= n`` uses all examples at every step (in their original order).
-    """
-    if batch is None or batch >= n:
-        full = torch.arange(n)
-        return [full] * steps
-    need = steps * batch
-    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-need // n))])
-    return [order[t * batch:(t + 1) * batch] for t in range(steps)]
-
-
-def minibatch_loss(x: Tensor, y: Tensor, batches: List[Tensor], last: Dict[str, Tensor]):
-    """Inner-loop loss ``loss_fn(net)`` for :meth:`InnerLoop.adapt`: step t's cross-entropy
-    on the rows ``batches[t]`` of (x, y). ``last`` receives the detached ``loss`` and
-    ``acc`` of the latest step's mini-batch (before its update), so the training metrics
-    need no extra forward pass."""
-
-    def loss_fn(net):
-        rows = batches[net.step]
-        logits = net(x[rows])
-        loss = F.cross_entropy(logits, y[rows])
-        last["loss"], last["acc"] = loss.detach(), accuracy(logits.detach(), y[rows])
-        return loss
-
-    return loss_fn
+__all__ = ["Reptile"]
 
 
 @register_learner("reptile")
@@ -102,9 +74,13 @@ class Reptile(Learner):
         eval_steps: fine-tuning steps at test (50).
         eval_batch: examples per fine-tuning step (None = the whole support set; the code
             used 5 for 1-shot and 15 for 5-shot 5-way).
-        bn: BatchNorm policy of the inner loop ("transductive", as the paper's results).
+        bn: BatchNorm policy of the inner loop: only "transductive" (the paper's results and
+            code: batch statistics everywhere). "running" and "per_step" are refused: their
+            statistics are learned by a forward after the inner steps, which Reptile has not.
         meta_batch: tasks per outer step the trainer should draw (5).
         seed: seeds the mini-batch order (together with the step number).
+        task_batching: "auto" | "on" | "off": adapt equal-shaped tasks as one batched
+            computation (same mini-batches, same result as sequential).
         """
 
         lr: float = 1e-3
@@ -121,30 +97,28 @@ class Reptile(Learner):
         bn: str = "transductive"
         meta_batch: int = 5
         seed: int = 0
+        task_batching: str = "auto"
 
         def validate(self) -> None:
             super().validate()
-            check_positive_int(self.ways, "ways", 1)
-            check_positive_int(self.inner_steps, "inner_steps", 1)
-            check_positive_int(self.eval_steps, "eval_steps", 0)
-            check_positive_int(self.meta_iters, "meta_iters", 1)
-            check_positive_int(self.meta_batch, "meta_batch", 1)
-            check_positive_int(self.seed, "seed", 0)
+            check_task_batching(self.task_batching)
+            positive_int(self.ways, "ways", 1)
+            positive_int(self.inner_steps, "inner_steps", 1)
+            positive_int(self.eval_steps, "eval_steps", 0)
+            positive_int(self.meta_iters, "meta_iters", 1)
+            positive_int(self.meta_batch, "meta_batch", 1)
+            positive_int(self.seed, "seed", 0)
             for opt in ("inner_batch", "eval_batch"):
                 if getattr(self, opt) is not None:
-                    check_positive_int(getattr(self, opt), opt, 1)
-            require(self.inner_optimizer in ("adam", "sgd"), "learner option 'inner_optimizer' "
-                    f"must be 'adam' or 'sgd', got {self.inner_optimizer!r}")
-            require(isinstance(self.adam_beta1, (int, float)) and 0 <= self.adam_beta1 < 1,
-                    f"learner option 'adam_beta1' must lie in [0, 1), got {self.adam_beta1!r}")
-            require(isinstance(self.meta_step_size, (int, float)) and self.meta_step_size > 0,
-                    f"learner option 'meta_step_size' must be > 0, got {self.meta_step_size!r}")
-            require(isinstance(self.meta_step_size_final, (int, float))
-                    and self.meta_step_size_final >= 0,
-                    f"learner option 'meta_step_size_final' must be >= 0, got "
-                    f"{self.meta_step_size_final!r}")
-            require(self.bn in BN_POLICIES, f"learner option 'bn' must be one of "
-                    f"{', '.join(BN_POLICIES)}, got {self.bn!r}")
+                    positive_int(getattr(self, opt), opt, 1)
+            choice(self.inner_optimizer, "inner_optimizer", ("adam", "sgd"))
+            fraction(self.adam_beta1, "adam_beta1")
+            positive_float(self.meta_step_size, "meta_step_size")
+            positive_float(self.meta_step_size_final, "meta_step_size_final", allow_zero=True)
+            choice(self.bn, "bn", BN_POLICIES)
+            require(self.bn == "transductive", f"learner option bn={self.bn!r} does not fit "
+                    "Reptile: its update has no forward after the inner steps, so running or "
+                    "per-step statistics for testing are never learned; use 'transductive'")
 
     def __init__(self, config=None, *, in_channels, image_size, num_classes=None, backbone=None):
         super().__init__(config, in_channels=in_channels, image_size=image_size,
@@ -187,6 +161,8 @@ class Reptile(Learner):
         self.train()
         c = self.config
         params = list(self.net.parameters())
+        if batches_tasks(self, episodes):
+            return self._finish_step(params, *self._train_batched(episodes))
         sums = [torch.zeros_like(p) for p in params]
         losses, accs = [], []
         for i, ep in enumerate(episodes):
@@ -198,9 +174,12 @@ class Reptile(Learner):
                 s.add_(q)
             losses.append(loss)
             accs.append(acc)
-        loss = torch.stack(losses).mean()
+        return self._finish_step(params, sums, len(episodes), torch.stack(losses).mean(),
+                                 torch.stack(accs).mean())
+
+    def _finish_step(self, params, sums, n: int, loss: Tensor, acc: Tensor) -> Dict[str, Tensor]:
+        """Pseudo-gradient θ − (1/n) Σ_i θ̃_i from ``sums`` = Σ_i θ̃_i, then the ε_t step."""
         self.check_finite(loss, self.steps_done)
-        n = len(episodes)
         with torch.no_grad():
             for p, s in zip(params, sums):
                 p.grad = p - s / n  # pseudo-gradient θ − mean_i θ̃_i
@@ -210,8 +189,34 @@ class Reptile(Learner):
             group["lr"] = eps
         self.outer_step("meta")
         self.steps_done += 1
-        return {"loss": loss, "acc": torch.stack(accs).mean(),
-                "epsilon": torch.tensor(eps)}
+        return {"loss": loss, "acc": acc, "epsilon": torch.tensor(eps)}
+
+    def _adapt_batched(self, x: Tensor, y: Tensor, steps: int, batch: Optional[int],
+                       generators: List[torch.Generator]):
+        """θ̃_i = U^steps(θ) for T tasks at once ((T, n, ...) examples, task i's mini-batches
+        drawn from ``generators[i]`` exactly as :meth:`adapt`); a :class:`BatchedAdapted`."""
+        rows = torch.stack([torch.stack(minibatch_indices(y.shape[1], batch, steps, g))
+                            for g in generators]).to(x.device)
+
+        def loss_fn(net, x_i, y_i, rows_i):
+            r = rows_i[net.step]
+            logits = net(x_i[r])
+            loss = F.cross_entropy(logits, y_i[r])
+            return loss, (accuracy(logits.detach(), y_i[r]),)
+
+        with batched_oom_guard(x.shape[0], f"learner '{self.name}'"):
+            return self.loop.adapt_batched(loss_fn, x, y, rows, steps=steps, differentiable=False)
+
+    def _train_batched(self, episodes):
+        """The meta-batch's inner loops as one batched computation: (Σ_i θ̃_i, n, loss, acc)."""
+        c = self.config
+        x = torch.stack([torch.cat([ep.support_x, ep.query_x]) for ep in episodes])
+        y = torch.stack([torch.cat([ep.support_y, ep.query_y]) for ep in episodes])
+        gens = [self._generator(self.steps_done * 4096 + i) for i in range(len(episodes))]
+        adapted = self._adapt_batched(x, y, c.inner_steps, c.inner_batch, gens)
+        sums = [q.sum(0) for q in adapted.stacked_params()]
+        return (sums, len(episodes), adapted.inner_losses[-1].mean(),
+                adapted.aux[-1][0].mean())
 
     def predict(self, episode) -> Tensor:
         """Fine-tune on the support set for ``eval_steps`` steps, return query logits."""
@@ -222,3 +227,15 @@ class Reptile(Learner):
                                        c.eval_batch, self._generator(2**31 - 1))
             with torch.no_grad():
                 return adapted(episode.query_x)
+
+    def predict_batch(self, episodes) -> Tensor:
+        """:meth:`predict` for T equal-shaped episodes at once: (T, Q, ways) query logits."""
+        for ep in episodes:
+            check_episode(self, ep, self.config.ways)
+        c = self.config
+        with eval_mode(self):
+            gens = [self._generator(2**31 - 1) for _ in episodes]
+            adapted = self._adapt_batched(stack(episodes, "support_x"), stack(episodes, "support_y"),
+                                          c.eval_steps, c.eval_batch, gens)
+            with torch.no_grad():
+                return adapted(stack(episodes, "query_x"))

@@ -152,6 +152,10 @@ class SupervisedLearner(Learner):
 
         The two halves must be equally large: the paper splits a minibatch of 128 into two
         tasks of 64 (section IV-A). An odd minibatch is refused rather than split unevenly.
+        Shapes are checked always (host metadata); label ranges only for labels still on the
+        CPU: on an accelerator the check would be a host sync per step, so labels are checked
+        where they are made, on the host before the copy (the store's labels are in range by
+        construction), and cross-entropy itself refuses an out-of-range label on the device.
         """
         try:
             x_i, y_i, x_j, y_j = batch.x_i, batch.y_i, batch.x_j, batch.y_j
@@ -167,16 +171,34 @@ class SupervisedLearner(Learner):
                                   f"{tuple(y.shape)}")
             if x.shape[0] == 0:
                 raise ConfigError(f"{nm} is empty; use a batch_size of at least 2")
-            lo, hi = int(y.min()), int(y.max())
-            if lo < 0 or hi >= self.num_classes:
-                raise ConfigError(f"{nm} labels must lie in 0..{self.num_classes - 1}, "
-                                  f"found {lo}..{hi}")
+            if y.device.type == "cpu":  # on an accelerator int(y.min()) would stall every step
+                lo, hi = int(y.min()), int(y.max())
+                if lo < 0 or hi >= self.num_classes:
+                    raise ConfigError(f"{nm} labels must lie in 0..{self.num_classes - 1}, "
+                                      f"found {lo}..{hi}")
         if x_i.shape[0] != x_j.shape[0]:
             raise ConfigError(f"task_i has {x_i.shape[0]} images and task_j {x_j.shape[0]}: a "
                               f"minibatch is split into two equal halves (MLTP paper sec. IV); "
                               f"use an even batch_size")
         dev = self.device
+        self._fuse_optimizer(dev)
         return x_i.to(dev), y_i.to(dev), x_j.to(dev), y_j.to(dev)
+
+    def _fuse_optimizer(self, dev: torch.device) -> None:
+        """On CUDA, switch the optimiser to its fused kernel (one launch for all tensors instead
+        of a multi-tensor loop; same update rule up to float rounding). Done once, on the first
+        step on the device, since the learner is built on the CPU and moved afterwards; a
+        resumed optimiser's step counters move to the device, as fused Adam needs."""
+        opt = self.optimizers.get("meta")
+        if dev.type != "cuda" or opt is None or getattr(self, "_fused_on", None) == dev:
+            return
+        if all(p.device == dev for g in opt.param_groups for p in g["params"]):
+            for g in opt.param_groups:
+                g["fused"], g["foreach"] = True, False
+            for st in opt.state.values():
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].to(dev, torch.float32)
+            object.__setattr__(self, "_fused_on", dev)
 
     def _guard_finite(self, loss: Tensor, what: str = "loss") -> None:
         """Refuse a non-finite objective before any weight moves (nothing half-updated).

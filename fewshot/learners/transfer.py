@@ -34,9 +34,10 @@ from torch import Tensor, nn
 
 from fewshot.errors import ConfigError
 from fewshot.inner_loop import InnerLoop
-from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
-from fewshot.learners.maml import HeadNet, check_positive_int, eval_mode
-from fewshot.learners.protonet import check_batch, check_episode
+from fewshot.learners.base import Learner, LearnerConfig, accuracy
+from fewshot.learners.common import (HeadNet, boolean, check_batch, check_episode, eval_mode,
+                                     positive_float, positive_int)
+from fewshot.learners.batching import check_task_batching, stack, support_loss
 from fewshot.learners.registry import register_learner
 
 __all__ = ["Transfer"]
@@ -64,20 +65,21 @@ class Transfer(Learner):
         finetune_steps: SGD steps on the support set for a new task (100).
         finetune_lr: their step size η (0.01).
         finetune_body: also fine-tune the body, not only the new head (False).
+        task_batching: "auto" | "on" | "off": fine-tune equal-shaped test episodes at once.
         """
 
         lr: float = 1e-3
         finetune_steps: int = 100
         finetune_lr: float = 0.01
         finetune_body: bool = False
+        task_batching: str = "auto"
 
         def validate(self) -> None:
             super().validate()
-            check_positive_int(self.finetune_steps, "finetune_steps", 0)
-            require(isinstance(self.finetune_lr, (int, float)) and self.finetune_lr > 0,
-                    f"learner option 'finetune_lr' must be > 0, got {self.finetune_lr!r}")
-            require(isinstance(self.finetune_body, bool), "learner option 'finetune_body' must "
-                    f"be true or false, got {self.finetune_body!r}")
+            check_task_batching(self.task_batching)
+            positive_int(self.finetune_steps, "finetune_steps", 0)
+            positive_float(self.finetune_lr, "finetune_lr")
+            boolean(self.finetune_body, "finetune_body")
 
     def __init__(self, config=None, *, in_channels, image_size, num_classes=None, backbone=None):
         super().__init__(config, in_channels=in_channels, image_size=image_size,
@@ -148,6 +150,33 @@ class Transfer(Learner):
             _zero(head)
             loop = InnerLoop(head, steps=c.finetune_steps, lr=c.finetune_lr)
             adapted = loop.adapt(lambda net: F.cross_entropy(net(fs), sy), differentiable=False)
+            with torch.no_grad():
+                return adapted(fq)
+
+    def predict_batch(self, episodes) -> Tensor:
+        """:meth:`predict` for T equal-shaped episodes at once: (T, Q, ways) query logits."""
+        for ep in episodes:
+            check_episode(self, ep)
+        c = self.config
+        body = self.net.backbone
+        sx, sy, qx = (stack(episodes, a) for a in ("support_x", "support_y", "query_x"))
+        with eval_mode(self):
+            if c.finetune_body:
+                model = HeadNet(body, episodes[0].ways)
+                ref = next(body.parameters())
+                model.head.to(device=ref.device, dtype=ref.dtype)
+                _zero(model.head)
+                loop = InnerLoop(model, steps=c.finetune_steps, lr=c.finetune_lr, bn="running")
+                adapted = loop.adapt_batched(support_loss, sx, sy, differentiable=False)
+                with torch.no_grad():
+                    return adapted(qx)
+            with torch.no_grad():  # eval-mode features are per image: one pass for all tasks
+                fs = body(sx.flatten(0, 1)).flatten(1).unflatten(0, sx.shape[:2])
+                fq = body(qx.flatten(0, 1)).flatten(1).unflatten(0, qx.shape[:2])
+            head = nn.Linear(fs.shape[-1], episodes[0].ways).to(fs.device, fs.dtype)
+            _zero(head)
+            loop = InnerLoop(head, steps=c.finetune_steps, lr=c.finetune_lr)
+            adapted = loop.adapt_batched(support_loss, fs, sy, differentiable=False)
             with torch.no_grad():
                 return adapted(fq)
 

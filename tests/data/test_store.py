@@ -343,3 +343,84 @@ def test_safe_load_bad_files(tmp_path):
     p.write_bytes(pickle.dumps({"x": list(range(100))})[:-10])
     with pytest.raises(DataError, match=f"{p}.*not a valid pickle"):
         safe_load(p)
+
+
+# ------------------------------------------------------------------ per-chunk checksums (fletcher32)
+def _flip_byte_in_chunk(path: Path, dataset: str, chunk: int, at: int = 5) -> tuple:
+    """Flip one byte inside chunk number ``chunk`` of ``dataset``, located on disk with h5py's
+    low-level API; returns the chunk's logical offset (first row it holds)."""
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(chunk)
+        assert info.size > at
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + at)
+        b = fh.read(1)[0]
+        fh.seek(info.byte_offset + at)
+        fh.write(bytes([b ^ 0x40]))
+    return info.chunk_offset
+
+
+def test_images_and_labels_are_written_with_chunk_checksums(tmp_path, rng):
+    x, y, names = _arrays(rng, n=60, shape=(28, 28, 1))
+    p = write_store(tmp_path / "c.h5", x, y, names, dataset="omniglot", split="s", source="m")
+    with h5py.File(p, "r") as f:
+        for key in ("images", "labels"):
+            assert f[key].fletcher32 and f[key].chunks is not None, key
+        assert f["images"].chunks == (20, 28, 28, 1)  # 16 KiB chunks: 20 images of 784 bytes
+
+
+def test_flipped_byte_in_a_chunk_fails_every_read_with_one_line(tmp_path, rng):
+    x, y, names = _arrays(rng, n=60, shape=(28, 28, 1))
+    p = write_store(tmp_path / "omniglot" / "train.h5", x, y, names, dataset="omniglot",
+                    split="train", source="m")
+    row0 = _flip_byte_in_chunk(p, "images", chunk=1)[0]  # rows 20..39
+    fix = "re-run `fewshot data prepare omniglot --from PATH`"
+    with pytest.raises(DataError) as e:
+        ImageStore.open(p, in_memory=True)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(p)) and "Fletcher-32" in msg and fix in msg
+    with ImageStore.open(p, in_memory=False) as lazy:
+        assert row0 == 20
+        good = [i for i in range(60) if not 20 <= i < 40]
+        order = np.argsort(y, kind="stable")
+        assert np.array_equal(lazy.read(good), x[order][good])  # other chunks still read
+        for rows in ([22], [0, 39, 50]):  # an episode touching the chunk
+            with pytest.raises(DataError) as e:
+                lazy.read(rows)
+            assert str(e.value) == msg
+        with pytest.raises(DataError, match="Fletcher-32.*fewshot data prepare omniglot"):
+            lazy.verify()  # `fewshot data verify`
+    from fewshot.data import prepare as P
+    with pytest.raises(DataError, match="Fletcher-32"):
+        P.verify("omniglot", root=tmp_path)
+
+
+def test_flipped_byte_in_the_labels_fails_open(tmp_path, rng):
+    x, y, names = _arrays(rng)
+    p = write_store(tmp_path / "l.h5", x, y, names, dataset="glyphs", split="s", source="m")
+    _flip_byte_in_chunk(p, "labels", chunk=0, at=8 * 13)
+    for in_memory in (True, False):
+        with pytest.raises(DataError, match=r"Fletcher-32.*`fewshot data prepare glyphs`$"):
+            ImageStore.open(p, in_memory=in_memory)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "chunked"])
+def test_stores_written_without_checksums_still_open(tmp_path, rng, layout):
+    """A store as written before the checksums: no fletcher32, contiguous or chunked."""
+    x, y, names = _arrays(rng)
+    new = write_store(tmp_path / "new.h5", x, y, names, dataset="t", split="s", source="m")
+    old = tmp_path / "old.h5"
+    with h5py.File(new, "r") as src, h5py.File(old, "w") as dst:
+        for key in src:
+            # the old writer's chunks: at least 4 KiB, here 21 images of 9*7*3 bytes
+            kw = {"chunks": (21, 9, 7, 3)} if layout == "chunked" and key == "images" else {}
+            dst.create_dataset(key, data=src[key][()], dtype=src[key].dtype, **kw)
+        dst.attrs.update(dict(src.attrs))
+    with h5py.File(old, "r") as f:
+        assert not f["images"].fletcher32 and not f["labels"].fletcher32
+        assert (f["images"].chunks is None) == (layout == "contiguous")
+    ref = ImageStore.open(new, in_memory=True)
+    for in_memory in (True, False):
+        with ImageStore.open(old, in_memory=in_memory) as s:
+            assert np.array_equal(s.read(np.arange(60)), ref.images)
+            assert np.array_equal(s.labels, ref.labels) and s.verify()["ok"]

@@ -75,6 +75,41 @@ def test_drop_last_false_splits_the_last_batch():
     assert sorted(rows.tolist()) == list(range(100))
 
 
+@pytest.mark.parametrize("n, world, last", [(99, 1, 2), (101, 2, 4), (99, 2, None), (97, 1, None)])
+def test_drop_last_false_trims_the_last_batch_to_equal_halves(n, world, last):
+    """An odd remainder (99 = 6 x 16 + 3) keeps 2 rows, 1 per task: the last row of the
+    epoch's order is dropped; with 2 ranks the remainder is cut to a multiple of 4 (101: 5 -> 4;
+    99: 3 -> no batch). Every batch then passes the learner's equal-halves check."""
+    from torch import nn
+
+    from fewshot.learners import get_learner
+
+    st = coded_store(n, classes=1)
+    shards = [SupervisedAdapter(st, 16, seed=0, drop_last=False, rank=r, world_size=world)
+              for r in range(world)]
+    per_rank = [list(a) for a in shards]
+    assert all(len(a) == len(b) == 6 + (last is not None) for a, b in zip(shards, per_rank))
+    if last is not None:
+        tail = [b[-1] for b in per_rank]
+        assert all(t.y_i.numel() == t.y_j.numel() == last // (2 * world) for t in tail)
+    perm = shards[0].permutation(0)
+    kept = len(perm) - (len(perm) % 16) + (last or 0)
+    rows = sorted(int(r) for b in sum(per_rank, []) for r in torch.cat([rows_of(b.x_i, st),
+                                                                        rows_of(b.x_j, st)]))
+    assert rows == sorted(perm[:kept].tolist())  # exactly the last rows of the order are dropped
+
+    class Flat(nn.Module):
+        out_features = 3 * 4 * 4
+
+        def forward(self, x):
+            return x.flatten(1)
+
+    cls = get_learner("standard")
+    learner = cls(cls.Config(), in_channels=3, image_size=4, num_classes=2, backbone=Flat())
+    for b in sum(per_rank, []):
+        learner.check_batch(b)  # refuses unequal halves with a ConfigError
+
+
 def test_odd_and_unshardable_batch_sizes_are_refused():
     st = coded_store(100)
     with pytest.raises(ConfigError, match="batch_size = 15.*two equal tasks.*even"):

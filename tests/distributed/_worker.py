@@ -197,7 +197,7 @@ def episode_scores(learner, episodes):
 def scenario_all(out: Path) -> None:
     from fewshot import distributed as D
 
-    ctx = D.init_from_env(timeout_s=60)
+    ctx = D.init_from_env(timeout_s=60, device="cpu")  # gloo/CPU semantics, GPU or not
     r, w = ctx.rank, ctx.world_size
     result = {"rank": r, "world": w, "learners": {}, "init_differs": {}}
     for name in LEARNERS:
@@ -229,8 +229,8 @@ def scenario_all(out: Path) -> None:
     local = episode_scores(learner, D.shard(eps, r, w))
     result["eval_local_n"] = len(local)
     result["eval"] = D.gather_per_episode(local, len(eps))
-    try:  # the runner's evaluation path (fewshot.evaluate) on the same shards
-        from fewshot.evaluate import evaluate_episodes, gather_accuracies, shard_indices
+    try:  # the runner's evaluation path (fewshot.evaluation) on the same shards
+        from fewshot.evaluation import evaluate_episodes, gather_accuracies, shard_indices
     except ImportError:
         result["eval_runner"] = None
     else:
@@ -261,7 +261,7 @@ def scenario_failure(out: Path, mode: str) -> None:
     from fewshot.errors import DistributedError
 
     ctx = D.init_from_env(timeout_s=float(os.environ.get("FEWSHOT_TEST_TIMEOUT", "2")),
-                          init_timeout_s=60)
+                          init_timeout_s=60, device="cpu")
     if ctx.rank == 1:
         if mode == "die":
             os._exit(3)

@@ -39,6 +39,9 @@ def _env(**extra):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
+    # these tests mean gloo on the CPU: a visible GPU would make "auto" pick cuda:LOCAL_RANK
+    # (and fail with one GPU and two ranks); the workers also pass device="cpu" themselves
+    env["CUDA_VISIBLE_DEVICES"] = ""
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -168,8 +171,8 @@ def test_sharded_evaluation_equals_single_process_table(two_ranks):
         for (_, lg), (_, lr) in zip(got, ref):  # per-episode losses pin the order down
             assert abs(lg - lr) <= 1e-6 * max(1.0, abs(lr))
     runner = [res["eval_runner"] for res in two_ranks]
-    if runner[0] is not None:  # fewshot.evaluate's sharded path gives the same table
-        from fewshot.evaluate import evaluate_episodes
+    if runner[0] is not None:  # fewshot.evaluation.s sharded path gives the same table
+        from fewshot.evaluation import evaluate_episodes
 
         single, _ = evaluate_episodes(learner, W.eval_episodes(), range(W.EVAL_EPISODES))
         assert runner[0] == runner[1] == single

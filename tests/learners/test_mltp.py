@@ -446,3 +446,81 @@ def test_checkpoint_roundtrip_keeps_alpha_and_optimiser_state():
         resumed.train_step(b)
     for p, q in zip(learner.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
+
+
+# ------------------------------------------- sec. III-E: only the first conv / the last fc layer
+class TwoConvNet(nn.Module):
+    """conv - tanh - conv - tanh - fc - tanh: two layers of each kind, so 'first_conv' and
+    'last_fc' (the learner's ``head``) differ from 'conv' and 'fc'."""
+
+    def __init__(self, size=6):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 2, 3, padding=1)
+        self.conv2 = nn.Conv2d(2, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * size * size, 5)
+        self.out_features = 5
+
+    def forward(self, x):
+        z = torch.tanh(self.conv2(torch.tanh(self.conv1(x))))
+        return torch.tanh(self.fc(z.flatten(1)))
+
+
+@pytest.mark.parametrize("adapt,layer", [("first_conv", "features.conv1"), ("last_fc", "head")])
+def test_one_layer_variant_moves_only_that_layer(f64, adapt, layer):
+    """Only the chosen layer takes the inner step (w' = w − α_l ∂L_i/∂w there, exactly w
+    elsewhere), built through the config path (learner option ``adapt``)."""
+    from fewshot.config import config_from_dict
+
+    cfg = config_from_dict({"learner": {"name": "mltp", "options": {
+        "adapt": adapt, "alpha_mean": 0.05, "alpha_std": 0.0}}})
+    assert cfg.learner.options["adapt"] == adapt
+    torch.manual_seed(21)
+    options = {k: v for k, v in cfg.learner.options.items() if k not in ("backbone", "backbone_options")}
+    learner = make("mltp", backbone=TwoConvNet(), **options)
+    assert learner.inner.group_names == [layer]
+    b = batch(seed=21)
+    before = as_dict(learner.model)
+    w1 = learner.objective(b.x_i, b.y_i, b.x_j, b.y_j)["adapted"].named_params()
+    P = {n: p.detach() for n, p in copy.deepcopy(learner.model).named_parameters()}
+    gi = grad(losses(learner.model, P, b)[0])(P)
+    for n, w in before.items():
+        if n.rsplit(".", 1)[0] == layer:
+            torch.testing.assert_close(w1[n].detach(), w - 0.05 * gi[n], rtol=1e-10, atol=1e-12)
+            assert (w1[n].detach() - w).abs().max() > 1e-6, n  # it does move
+        else:
+            assert torch.equal(w1[n].detach(), w), n  # the others stay w
+
+
+def test_first_conv_meta_gradient_matches_torch_func(f64):
+    """∂J/∂w and ∂J/∂α of second-order MLTP adapting only the first conv layer, against an
+    independent torch.func computation of eq. 4 (nested grad: the Hessian term included)."""
+    torch.manual_seed(22)
+    b = batch(seed=22)
+    learner = make("mltp", backbone=TwoConvNet(), adapt="first_conv", eta=0.7,
+                   alpha_mean=0.05, alpha_std=0.0)
+    out = learner.objective(b.x_i, b.y_i, b.x_j, b.y_j)
+    params = list(learner.model.parameters()) + [learner.inner.alpha]
+    got = torch.autograd.grad(out["J"], params)
+    names = [n for n, _ in learner.model.named_parameters()]
+    model = copy.deepcopy(learner.model)
+    Li, Lj = losses(model, None, b)
+
+    def J(P, a):
+        gi = grad(Li)(P)
+        W1 = {n: P[n] - a[0] * gi[n] if n.startswith("features.conv1.") else P[n] for n in P}
+        return Li(P) + 0.7 * Lj(W1)
+
+    P = {n: p.detach() for n, p in model.named_parameters()}
+    gP, ga = grad(J, argnums=(0, 1))(P, learner.inner.alpha.detach().clone())
+    torch.testing.assert_close(out["J"].detach(), J(P, learner.inner.alpha.detach()))
+    for n, g in zip(names, got[:-1]):
+        torch.testing.assert_close(g, gP[n], rtol=1e-8, atol=1e-11)
+    torch.testing.assert_close(got[-1], ga, rtol=1e-8, atol=1e-11)
+    assert ga.abs().item() > 0
+
+
+def test_one_layer_variant_refuses_a_network_without_that_layer():
+    with pytest.raises(ConfigError, match="first_conv.*no convolutional"):
+        make("mltp", backbone=MLP(), adapt="first_conv")
+    with pytest.raises(ConfigError, match="adapt.*must be one of.*last_fc"):
+        make("mltp", adapt="middle")

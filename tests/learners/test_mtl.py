@@ -263,38 +263,169 @@ def test_learns_glyphs(learn_glyphs, name, options):
     learner = cls(cls.Config(backbone_options={"hidden": 16}, eval_steps=10, eval_lr=0.1,
                              **options), in_channels=1, image_size=28, num_classes=100)
     before, after = learn_glyphs(learner, steps=60, meta_batch=2)
-    assert after > 0.68 and after - before > 0.04, (before, after)
+    # measured (torch 2.14 CPU): 0.655 -> 0.72 (mtl+reptile), 0.76 (mtl+maml); the gain over
+    # the fine-tuned random features is small, so half of it is the margin kept
+    assert after - before > 0.033, (before, after)
 
 
-def test_meta_transfer_spec_carries_the_papers_settings():
+@pytest.mark.slow
+def test_meta_transfer_spec_learners_do_what_their_labels_say():
+    """Build every MTL learner of benchmarks/meta_transfer_table1.toml (its --quick form, on
+    glyph-sized images) and take one training step on tasks of the spec's training shape:
+    Transfer moves only the C-way head's side, Reptile/MAML have no transfer side, MTL moves
+    both heads, "(20-way)" entries train a 20-way head on 20-way tasks, "(authors)" runs the
+    authors' update (an inner optimiser that persists across tasks)."""
     from fewshot.bench import load_spec
     from fewshot.config import config_from_dict
 
     repo = Path(__file__).resolve().parents[2]
-    spec = load_spec(repo / "benchmarks" / "meta_transfer_table1.toml")
-    assert spec.base["data"]["test_split"] == "val+test"  # 36 unseen classes (64/36 split)
-    assert spec.base["eval"] == {"ways": [5, 20, 35], "shots": [1, 5, 100], "queries": 15,
-                                 "episodes": 600, "seed": 2024, "checkpoint": "last"}
-    betas = {}
+    spec = load_spec(repo / "benchmarks" / "meta_transfer_table1.toml", quick=True)
+    seen = set()
     for e in spec.learners:
         cfg = config_from_dict(spec.run_config(e, 0))
-        opts = get_learner(cfg.learner.name).Config(**cfg.learner.options)
-        opts.validate()
-        if cfg.learner.name.startswith("mtl"):
-            betas[e.label] = opts.beta
-            assert (opts.inner_steps, opts.inner_batch, opts.backbone_options) == (10, 20, {"hidden": 32})
-            assert (cfg.train.meta_batch, cfg.train.shots, cfg.train.episodes) == (5, 15, 100000)
-    assert betas == {"Transfer": 0.0, "Reptile": 1.0, "MTL+Reptile": 0.9, "MAML": 1.0,
-                     "MTL+MAML": 0.9}
+        if not cfg.learner.name.startswith("mtl"):
+            continue
+        seen.add(e.label)
+        cls = get_learner(cfg.learner.name)
+        opts = dict(cfg.learner.options, backbone_options={"hidden": 4})
+        torch.manual_seed(0)
+        learner = cls(cls.Config(**opts), in_channels=1, image_size=28, num_classes=40)
+        t = cfg.train
+        want_ways = 20 if e.label.endswith("(20-way)") else 5
+        assert t.ways == want_ways and learner.net.head.out_features == want_ways, e.label
+        learner.validate_task(t.ways, t.shots, t.queries)
+        with pytest.raises(ConfigError):
+            learner.validate_task(25 - want_ways, t.shots, t.queries)
+        assert ("inner" in learner.optimizers) == e.label.endswith("(authors)"), e.label
+        g = torch.Generator().manual_seed(1)
+        eps = [random_episode(ways=t.ways, shots=4, queries=1, size=28, generator=g,
+                              num_base=40) for _ in range(2)]  # (fewer shots: a fast test)
+        before = {n: p.detach().clone() for n, p in learner.net.named_parameters()}
+        learner.train_step(eps)
+        learner.train_step(eps[::-1])  # (zero heads: the features move from the second step)
+        moved = {n.split(".")[0] for n, p in learner.net.named_parameters()
+                 if not torch.equal(p.detach(), before[n])}
+        kind = e.label.split(" ")[0]
+        expect = {"Transfer": {"backbone", "base_head"}, "Reptile": {"backbone", "head"},
+                  "MAML": {"backbone", "head"}}.get(kind, {"backbone", "head", "base_head"})
+        assert moved == expect, (e.label, moved)
+        assert (learner.net.base_head is None) == (kind in ("Reptile", "MAML")), e.label
+    assert {"MTL+Reptile (authors)", "MTL+MAML (20-way)", "Transfer (20-way)"} <= seen
+    assert len(seen) == 11
 
 
 def test_any_way_evaluation_is_supported():
     """The evaluator asks ``supports_ways``: MTL fine-tunes a new head, so 35-way cells of a
     5-way-trained model are evaluated (not reported n/a)."""
-    from fewshot.evaluate import unsupported_reason
+    from fewshot.evaluation import unsupported_reason
 
     learner = _learner("mtl+maml", MLP())
     assert learner.config.ways == 3
     assert unsupported_reason(learner, 35) is None and unsupported_reason(learner, 3) is None
     e = _episodes(1, ways=6, shots=1, queries=2)[0]
     assert learner.predict(e).shape == (12, 6)
+
+
+@pytest.mark.parametrize("name", ["mtl+reptile", "mtl+maml"])
+def test_line_10_mixes_shared_parameters(name):
+    """0 < β < 1 with a backbone that HAS shared parameters: every tensor (shared features,
+    N-way head, C-way head) ends at β θ_meta + (1 − β) θ_disc, both copies hand-computed
+    from the same θ (line 7/8 and line 9)."""
+    beta = 0.4
+    learner = _learner(name, MLP(), beta=beta, inner_batch=3 if name == "mtl+maml" else None)
+    eps = _episodes(2, seed=3)
+    with torch.no_grad():  # non-zero heads, so both sides move the shared features
+        learner.net.base_head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+        learner.net.head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    theta = _params(learner)
+    g = torch.Generator().manual_seed(learner.config.seed)
+    if name == "mtl+reptile":
+        meta = dict(theta)
+        for e in eps:
+            x, y = torch.cat([e.support_x, e.query_x]), torch.cat([e.support_y, e.query_y])
+            th_i = _inner(learner.net, theta, x, y, sub_batches(len(y), 2, None, g), 0.3, False)
+            meta = {k: meta[k] + 0.7 * (th_i[k] - theta[k]) / len(eps) for k in theta}
+    else:
+        batches = [sub_batches(len(e.support_y), 2, 3, g) for e in eps]
+
+        def outer(p):
+            return sum(_ce(learner.net, _inner(learner.net, p, e.support_x, e.support_y, b, 0.3,
+                                               True), e.query_x, e.query_y)
+                       for e, b in zip(eps, batches)) / len(eps)
+
+        gm = grad(outer)(theta)
+        meta = {k: theta[k] - 0.7 * gm[k] for k in theta}
+    x = torch.cat([torch.cat([e.support_x, e.query_x]) for e in eps])
+    y = torch.cat([torch.cat([e.base_support_y, e.base_query_y]) for e in eps])
+    gd = grad(lambda p: _ce(learner.net, p, x, y, base=True))(theta)
+    disc = {k: theta[k] - 0.2 * gd[k] for k in theta}
+    learner.train_step(eps)
+    for k, v in learner.net.named_parameters():
+        torch.testing.assert_close(v.detach(), beta * meta[k] + (1 - beta) * disc[k],
+                                   rtol=1e-11, atol=1e-13)
+    shared = "backbone.fc1.weight"  # moved by both sides, so the mixing is not trivial
+    assert (meta[shared] - theta[shared]).abs().max() > 1e-4
+    assert (disc[shared] - theta[shared]).abs().max() > 1e-4
+
+
+class _Adam:
+    """Adam written out (Kingma & Ba, Algorithm 1) with a state that persists across calls."""
+
+    def __init__(self, lr, b1, b2=0.999, eps=1e-8):
+        self.lr, self.b1, self.b2, self.eps, self.state = lr, b1, b2, eps, {}
+
+    def step(self, p, g):
+        out = dict(p)
+        for k, gk in g.items():
+            m, v, t = self.state.get(k, (torch.zeros_like(gk), torch.zeros_like(gk), 0))
+            m, v, t = self.b1 * m + (1 - self.b1) * gk, self.b2 * v + (1 - self.b2) * gk * gk, t + 1
+            self.state[k] = (m, v, t)
+            out[k] = p[k] - self.lr * (m / (1 - self.b1 ** t)) / ((v / (1 - self.b2 ** t)).sqrt()
+                                                                  + self.eps)
+        return out
+
+
+def test_authors_mode_is_the_authors_update():
+    """mode='authors' (MTL+Reptile): per task, k inner Adam steps and one transfer Adam step on
+    the task's k mini-batches, both Adams keeping their state across tasks and iterations;
+    θ ← θ + ½ β ε mean(θ_i − θ) + ½ (1 − β) mean(φ_i − θ). Two iterations, hand-computed."""
+    beta, k, lr, a_in, a_d = 0.9, 2, 0.7, 0.05, 0.04
+    learner = _learner("mtl+reptile", MLP(), beta=beta, mode="authors", inner_steps=k,
+                       inner_batch=4, inner_optimizer="adam", inner_lr=a_in, lr=lr,
+                       transfer_optimizer="adam", transfer_lr=a_d, adam_beta1=0.0)
+    net, theta = learner.net, _params(learner)
+    g = torch.Generator().manual_seed(learner.config.seed)
+    inner, transfer = _Adam(a_in, 0.0), _Adam(a_d, 0.0)
+    for it in range(2):
+        eps = _episodes(2, seed=10 + it)
+        d_meta = {n: torch.zeros_like(t) for n, t in theta.items()}
+        d_disc = {n: torch.zeros_like(t) for n, t in theta.items()}
+        for e in eps:
+            x, y = torch.cat([e.support_x, e.query_x]), torch.cat([e.support_y, e.query_y])
+            yb = torch.cat([e.base_support_y, e.base_query_y])
+            batches = sub_batches(len(y), k, 4, g)
+            p = dict(theta)
+            for b in batches:
+                gr = grad(lambda q: _ce(net, q, x[b], y[b]))(p)
+                p = inner.step(p, {n: v for n, v in gr.items() if not n.startswith("base_head")})
+            rows = torch.cat(batches)
+            gr = grad(lambda q: _ce(net, q, x[rows], yb[rows], base=True))(theta)
+            phi = transfer.step(theta, {n: v for n, v in gr.items() if not n.startswith("head.")})
+            for n in theta:
+                d_meta[n] += (p[n] - theta[n]) / len(eps)
+                d_disc[n] += (phi[n] - theta[n]) / len(eps)
+        theta = {n: theta[n] + 0.5 * beta * lr * d_meta[n] + 0.5 * (1 - beta) * d_disc[n]
+                 for n in theta}
+        learner.train_step(eps)
+        for n, v in net.named_parameters():
+            torch.testing.assert_close(v.detach(), theta[n], rtol=1e-10, atol=1e-12)
+    assert inner.state["backbone.fc1.weight"][2] == 8  # 2 iterations x 2 tasks x k steps
+
+
+def test_authors_mode_refusals():
+    with pytest.raises(ConfigError, match="authors.*Reptile update only"):
+        _learner("mtl+maml", MLP(), mode="authors", meta_optimizer="sgd")
+    with pytest.raises(ConfigError, match="mode='authors'.*transductive"):
+        _learner("mtl+reptile", MLP(), mode="authors", bn="running")
+    with pytest.raises(ConfigError, match="'mode' must be"):
+        _learner("mtl+reptile", MLP(), mode="code")

@@ -108,8 +108,9 @@ def test_learns_glyphs(learn_glyphs):
     cls = get_learner("relationnet")
     learner = cls(cls.Config(backbone_options={"hidden": 16}), in_channels=1, image_size=28)
     before, after = learn_glyphs(learner, steps=100)
-    # 5-way 1-shot: chance 0.2; untrained 0.18, 0.80 after 100 steps (measured)
-    assert after > 0.72 and after - before > 0.45, (before, after)
+    # 5-way 1-shot: chance 0.2; untrained 0.18, 0.80 after 100 steps (measured, torch 2.14
+    # CPU); half the measured gain is kept as margin for other torch versions and devices
+    assert after > 0.45 and after - before > 0.3, (before, after)
 
 
 def test_autocast_step_and_scores_close_to_float32(make_episode, steps_agree_under_autocast):

@@ -28,6 +28,7 @@ val_episodes = 3
 log_every = 1
 quiet = true
 threads = 1
+device = "cpu"
 [eval]
 ways = [5]
 shots = [1, 2]

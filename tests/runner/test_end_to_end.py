@@ -273,7 +273,7 @@ def test_supervised_training_milestones_and_mid_epoch_resume(glyphs_root, tmp_pa
     from fewshot.api import train
     from fewshot.config import dump_toml
     from fewshot.learners import get_learner
-    from fewshot.train import Interrupted
+    from fewshot.trainer import Interrupted
 
     cfg = tmp_path / "sup.toml"
     cfg.write_text(dump_toml({

@@ -2,7 +2,7 @@
 import pytest
 
 from fewshot.errors import ConfigError
-from fewshot.train import Trainer
+from fewshot.trainer import Trainer
 
 
 def test_mtl_sub_batches_larger_than_the_task_are_refused_before_training(tmp_path, glyphs_root,

@@ -177,18 +177,6 @@ def require_dir(path: Union[str, os.PathLike], what: str) -> Path:
     return p
 
 
-def find_file(base: Path, names: Sequence[str], what: str) -> Path:
-    """The first of ``names`` found directly in ``base`` or one level down."""
-    for n in names:
-        if (base / n).exists():
-            return base / n
-    for n in names:
-        hits = sorted(base.glob(f"*/{n}"))
-        if hits:
-            return hits[0]
-    raise DataError(f"{base}: no {' or '.join(names)} found; {what}")
-
-
 class FileTree:
     """Uniform read access to an extracted folder or a zip archive of images."""
 

@@ -14,7 +14,7 @@ where the delegate does). Nothing else in fewshot touches the network.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 from fewshot.errors import DataError
 
@@ -98,9 +98,3 @@ def fetch(name: str, dataset_dir: Path, raw_dir: Optional[Path] = None) -> Path:
                         f"the network, or download by hand as datasets/{name}/README.md "
                         "explains and run `fewshot data prepare "
                         f"{name} --from PATH`") from None
-
-
-def download_and_convert(name: str, dataset_dir: Path, convert: Callable[..., List[Path]],
-                         raw_dir: Optional[Path] = None, **opts) -> List[Path]:
-    src = fetch(name, dataset_dir, raw_dir)
-    return convert(src, **opts)

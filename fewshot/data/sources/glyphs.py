@@ -37,6 +37,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from fewshot.data.store import write_store
 from fewshot.errors import ConfigError
 
 #: the dataset name used by ``fewshot data prepare glyphs``
@@ -149,8 +150,6 @@ def generate_glyphs(num_classes: int, per_class: int, seed: int = 0,
     larger call are the characters of a call with ``num_classes=m``), the drawings from
     ``default_rng([seed, 1, num_classes, per_class])``.
     """
-    from PIL import Image, ImageDraw
-
     if num_classes < 1 or per_class < 1 or size < 8:
         raise ConfigError(
             f"glyphs: need num_classes >= 1, per_class >= 1 and size >= 8, got "
@@ -167,7 +166,20 @@ def generate_glyphs(num_classes: int, per_class: int, seed: int = 0,
     # per-instance jitter of every control point; the shared end points of the two Bezier
     # segments move together (they are one control point).
     ctrl = strokes[labels] + rng.normal(0.0, _JITTER, (n, _MAX_STROKES, _CONTROL, 2))
-    # random affine map per instance: A = R(theta) @ Sh(shear) @ diag(scale), then + t
+    affine, trans, width = _random_affines(rng, n)
+    pts = _bezier_points(ctrl)  # (n, S, L, 2)
+    pts = np.einsum("nij,nslj->nsli", affine, pts) + trans[:, None, None, :]
+    big = size * _SUPERSAMPLE
+    # canvas [-1, 1] -> pixel coordinates of the supersampled canvas
+    pix = ((pts + 1.0) * 0.5 * (big - 1)).astype(np.float32)
+    pen = np.maximum(1, np.rint(width * _SUPERSAMPLE)).astype(np.int64)
+
+    return _render(pix, pen, counts[labels], size)[..., None], labels
+
+
+def _random_affines(rng: np.random.Generator, n: int):
+    """Per instance: A = R(theta) @ Sh(shear) @ diag(scale) (n, 2, 2), the translation t
+    (n, 2) and the pen width (n,), drawn from ``rng`` in that order."""
     theta = rng.uniform(-_ROTATION, _ROTATION, n)
     shear = rng.uniform(-_SHEAR, _SHEAR, n)
     scale = rng.uniform(_SCALE[0], _SCALE[1], (n, 2))
@@ -178,14 +190,15 @@ def generate_glyphs(num_classes: int, per_class: int, seed: int = 0,
     sh = np.zeros((n, 2, 2))
     sh[:, 0, 0] = sh[:, 1, 1] = 1.0
     sh[:, 0, 1] = shear
-    affine = rot @ sh @ (np.eye(2)[None] * scale[:, None, :])
-    pts = _bezier_points(ctrl)  # (n, S, L, 2)
-    pts = np.einsum("nij,nslj->nsli", affine, pts) + trans[:, None, None, :]
-    big = size * _SUPERSAMPLE
-    # canvas [-1, 1] -> pixel coordinates of the supersampled canvas
-    pix = ((pts + 1.0) * 0.5 * (big - 1)).astype(np.float32)
-    pen = np.maximum(1, np.rint(width * _SUPERSAMPLE)).astype(np.int64)
+    return rot @ sh @ (np.eye(2)[None] * scale[:, None, :]), trans, width
 
+
+def _render(pix: np.ndarray, pen: np.ndarray, strokes: np.ndarray, size: int) -> np.ndarray:
+    """Draw instance i's first ``strokes[i]`` polylines ``pix[i]`` with pen width ``pen[i]``
+    and round caps on the supersampled canvas, then box-filter down to (n, size, size)."""
+    from PIL import Image, ImageDraw  # Pillow: only needed to draw glyphs
+
+    n, big = pix.shape[0], size * _SUPERSAMPLE
     out = np.empty((n, size, size), dtype=np.uint8)
     canvas = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(canvas)
@@ -193,13 +206,13 @@ def generate_glyphs(num_classes: int, per_class: int, seed: int = 0,
         draw.rectangle((0, 0, big, big), fill=0)
         w = int(pen[i])
         r = w / 2.0
-        for s in range(int(counts[labels[i]])):
+        for s in range(int(strokes[i])):
             line = pix[i, s]
             draw.line([tuple(p) for p in line.tolist()], fill=255, width=w, joint="curve")
             for p in (line[0], line[-1]):  # round pen caps
                 draw.ellipse((p[0] - r, p[1] - r, p[0] + r, p[1] + r), fill=255)
         out[i] = np.asarray(canvas.reduce(_SUPERSAMPLE))
-    return out[..., None], labels
+    return out
 
 
 def class_names(num_classes: int) -> List[str]:
@@ -219,8 +232,6 @@ def prepare(root: Path, seed: int = 0, *, splits=SPLITS, per_class: int = PER_CL
     store is written atomically by :func:`fewshot.data.store.write_store`.
     ``from_path`` must be None: glyphs need no input files.
     """
-    from fewshot.data.store import write_store
-
     if from_path is not None:
         raise ConfigError("glyphs are generated, they read no files: drop --from "
                           f"'{from_path}' (use `fewshot data prepare glyphs`)")

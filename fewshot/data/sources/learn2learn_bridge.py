@@ -123,24 +123,11 @@ def from_dataset(dataset, *, name: str = "custom", split: str = "train",
     if n == 0:
         raise DataError(f"{src}: the dataset is empty")
 
-    def item(i: int):
-        try:
-            got = dataset[i]
-        except Exception as e:  # a user dataset may raise anything
-            raise DataError(f"{src}[{i}]: reading the item failed ({type(e).__name__}: {e})") \
-                from None
-        if not isinstance(got, (tuple, list)) or len(got) < 2:
-            raise DataError(f"{src}[{i}]: expected an (image, label) pair, got "
-                            f"{type(got).__name__}")
-        return to_uint8_hwc(got[0], where=f"{src}[{i}]", image_size=image_size), \
-            _label_key(got[1])
-
+    item = _item_reader(dataset, src, image_size)
     table = _class_table(dataset)
     if table is not None:
         keys = _sorted_labels(table)
-        names = list(class_names) if class_names is not None else [str(k) for k in keys]
-        if len(names) != len(keys):
-            raise DataError(f"{src}: {len(names)} class names for {len(keys)} classes")
+        names = _class_names(class_names, keys, src)
         if path is None:
             xs, ys = [], []
             for c, k in enumerate(keys):
@@ -162,13 +149,37 @@ def from_dataset(dataset, *, name: str = "custom", split: str = "train",
     keys = _sorted_labels(set(raw))
     index = {k: c for c, k in enumerate(keys)}
     ys = np.array([index[y] for y in raw], dtype=np.int64)
-    names = list(class_names) if class_names is not None else [str(k) for k in keys]
-    if len(names) != len(keys):
-        raise DataError(f"{src}: {len(names)} class names for {len(keys)} classes")
+    names = _class_names(class_names, keys, src)
     images = _stack(xs, src)
     if path is None:
         return ImageStore.from_arrays(images, ys, names, dataset=name, split=split, source=src)
     return write_store(path, images, ys, names, dataset=name, split=split, source=src)
+
+
+def _item_reader(dataset, src: str, image_size: Optional[int]):
+    """``item(i) -> (uint8 HWC image, label key)`` of ``dataset[i]``, with one-line errors."""
+
+    def item(i: int):
+        try:
+            got = dataset[i]
+        except Exception as e:  # a user dataset may raise anything
+            raise DataError(f"{src}[{i}]: reading the item failed ({type(e).__name__}: {e})") \
+                from None
+        if not isinstance(got, (tuple, list)) or len(got) < 2:
+            raise DataError(f"{src}[{i}]: expected an (image, label) pair, got "
+                            f"{type(got).__name__}")
+        return to_uint8_hwc(got[0], where=f"{src}[{i}]", image_size=image_size), \
+            _label_key(got[1])
+
+    return item
+
+
+def _class_names(class_names: Optional[Sequence[str]], keys, src: str) -> List[str]:
+    """The given class names (one per class), else the labels as strings."""
+    names = list(class_names) if class_names is not None else [str(k) for k in keys]
+    if len(names) != len(keys):
+        raise DataError(f"{src}: {len(names)} class names for {len(keys)} classes")
+    return names
 
 
 def _stack(xs: List[np.ndarray], src: str) -> np.ndarray:

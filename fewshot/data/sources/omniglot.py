@@ -159,6 +159,30 @@ def _write(path: Path, classes: Sequence[Tuple[Key, int]], chars: Dict[Key, np.n
     return path
 
 
+def _read_split_lists(folder: Path, chars, src: str) -> Dict[str, List[Tuple[Key, int]]]:
+    """train/val/test.txt of ``folder`` (Prototypical Networks' Vinyals lists): every character
+    must be among the images, and no class may be listed twice."""
+    lists = {}
+    seen: Dict[Tuple[Key, int], str] = {}
+    for split in ("train", "val", "test"):
+        f = folder / f"{split}.txt"
+        if not f.is_file():
+            raise DataError(f"{f}: split list not found; split_lists must be the folder with "
+                            "train.txt, val.txt and test.txt (Prototypical Networks' "
+                            "data/omniglot/splits/vinyals)")
+        entries = parse_split_list(f)
+        for lineno, e in enumerate(entries, 1):
+            if e[0] not in chars:
+                raise DataError(f"{f}:{lineno}: character '{e[0][0]}/{e[0][1]}' is not in "
+                                f"{src}; the split list and the images do not match")
+            if e in seen:
+                raise DataError(f"{f}:{lineno}: class {e[0][0]}/{e[0][1]}/rot{e[1]:03d} also "
+                                f"listed in {seen[e]}.txt; split lists must be disjoint")
+            seen[e] = split
+        lists[split] = entries
+    return lists
+
+
 def convert(from_path, out_dir, *, splits: str = "auto", split_lists: Optional[Path] = None,
             image_size: int = 28, invert: bool = True, workers: Optional[int] = None,
             dataset: str = NAME) -> List[Path]:
@@ -196,24 +220,7 @@ def convert(from_path, out_dir, *, splits: str = "auto", split_lists: Optional[P
         return written
     src = " + ".join(p.name for p in sets.values())
     if split_lists is not None:
-        lists = {}
-        seen: Dict[Tuple[Key, int], str] = {}
-        for split in ("train", "val", "test"):
-            f = Path(split_lists) / f"{split}.txt"
-            if not f.is_file():
-                raise DataError(f"{f}: split list not found; split_lists must be the folder with "
-                                "train.txt, val.txt and test.txt (Prototypical Networks' "
-                                "data/omniglot/splits/vinyals)")
-            entries = parse_split_list(f)
-            for lineno, e in enumerate(entries, 1):
-                if e[0] not in chars:
-                    raise DataError(f"{f}:{lineno}: character '{e[0][0]}/{e[0][1]}' is not in "
-                                    f"{src}; the split list and the images do not match")
-                if e in seen:
-                    raise DataError(f"{f}:{lineno}: class {e[0][0]}/{e[0][1]}/rot{e[1]:03d} also "
-                                    f"listed in {seen[e]}.txt; split lists must be disjoint")
-                seen[e] = split
-            lists[split] = entries
+        lists = _read_split_lists(Path(split_lists), chars, src)
         src += f"; split lists {Path(split_lists)}"
     else:
         lists = {s: [] for s in ("train", "val", "test")}

@@ -1,0 +1,271 @@
+"""What several learners share: option checks, episode checks, the heads and update rules
+more than one learner uses. A learner imports base, registry and this module, and another
+learner only to subclass it.
+
+Imports: base, errors (never a learner module).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fewshot.errors import ConfigError
+from fewshot.learners.base import Learner, accuracy, require
+
+__all__ = ["positive_int", "positive_float", "choice", "fraction", "boolean", "check_lr_halve_every",
+           "check_images", "check_batch", "check_episode", "HeadNet", "eval_mode",
+           "halve_lr_every", "scale_lrs_at_milestones", "mean_episode_update",
+           "minibatch_indices", "minibatch_loss", "class_sums", "prototypes",
+           "squared_euclidean_logits"]
+
+
+# ------------------------------------------------------------------ option checks
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive_int(value, option: str, minimum: int = 1) -> None:
+    """ConfigError unless the learner option ``option`` is an integer >= ``minimum``."""
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+            f"learner option '{option}' must be an integer >= {minimum}, got {value!r}")
+
+
+def positive_float(value, option: str, allow_zero: bool = False, note: str = "") -> None:
+    """ConfigError unless the learner option ``option`` is a number > 0 (>= 0 with
+    ``allow_zero``; ``note`` is appended to the bound, e.g. "(0 = off)")."""
+    ok = _is_number(value) and (value >= 0 if allow_zero else value > 0)
+    bound = (">= 0" if allow_zero else "> 0") + (f" {note}" if note else "")
+    require(ok, f"learner option '{option}' must be {bound}, got {value!r}")
+
+
+def choice(value, option: str, choices: Sequence[str]) -> None:
+    """ConfigError unless the learner option ``option`` is one of ``choices``."""
+    require(value in choices, f"learner option '{option}' must be one of "
+                              f"{', '.join(choices)}, got {value!r}")
+
+
+def fraction(value, option: str) -> None:
+    """ConfigError unless the learner option ``option`` is a number in [0, 1)."""
+    require(_is_number(value) and 0 <= value < 1,
+            f"learner option '{option}' must lie in [0, 1), got {value!r}")
+
+
+def boolean(value, option: str) -> None:
+    """ConfigError unless the learner option ``option`` is true or false."""
+    require(isinstance(value, bool), f"learner option '{option}' must be true or false, "
+                                     f"got {value!r}")
+
+
+# ------------------------------------------------------------------ episode checks
+def check_images(learner: Learner, x: Tensor, what: str = "episode") -> None:
+    """Refuse images that do not fit the learner's ``in_channels`` x ``image_size``.
+
+    The backbone is built for (C, H, W) = (in_channels, image_size, image_size); an
+    episode of another shape would fail deep inside a convolution with an unreadable
+    message, so it is caught here.
+    """
+    if x.dim() != 4:
+        raise ConfigError(f"{what} images must be a (B, C, H, W) tensor, got shape "
+                          f"{tuple(x.shape)}")
+    c, h, w = x.shape[1:]
+    if (c, h, w) != (learner.in_channels, learner.image_size, learner.image_size):
+        raise ConfigError(
+            f"{what} images are {c}x{h}x{w} but learner '{learner.name}' was built for "
+            f"{learner.in_channels}x{learner.image_size}x{learner.image_size}; build the "
+            f"learner with the dataset's in_channels/image_size or resize the images")
+    if not x.is_floating_point():
+        raise ConfigError(f"{what} images must be float tensors (normalised), got {x.dtype}")
+
+
+def check_batch(learner: Learner, episodes: Sequence, ways: int | None = None) -> List:
+    """Validate a meta-batch (a non-empty list of episodes) and return it as a list.
+
+    Each episode passes :meth:`Learner.check_episode` (labels in ``0..N-1``, matching
+    support/query shapes) and :func:`check_images`; every class needs at least one
+    support example; ``ways`` (when given) is the N the learner's head was built for.
+    """
+    if not isinstance(episodes, (list, tuple)) or len(episodes) == 0:
+        raise ConfigError(f"learner '{learner.name}' trains on a non-empty list of episodes, "
+                          f"got {type(episodes).__name__}")
+    for ep in episodes:
+        check_episode(learner, ep, ways)
+    return list(episodes)
+
+
+def check_episode(learner: Learner, ep, ways: int | None = None) -> None:
+    """:func:`check_batch` for one episode."""
+    learner.check_episode(ep)
+    check_images(learner, ep.support_x, "support")
+    check_images(learner, ep.query_x, "query")
+    if ep.support_x.shape[0] != ep.support_y.shape[0] or ep.query_x.shape[0] != ep.query_y.shape[0]:
+        raise ConfigError(f"episode has {ep.support_x.shape[0]} support images for "
+                          f"{ep.support_y.shape[0]} labels and {ep.query_x.shape[0]} query images "
+                          f"for {ep.query_y.shape[0]} labels; they must match")
+    if ways is not None and ep.ways != ways:
+        raise ConfigError(f"learner '{learner.name}' was configured with ways={ways} but the "
+                          f"episode is {ep.ways}-way; set the learner option 'ways' to {ep.ways}")
+    if ep.support_y.numel() == 0 or bool((ep.shots == 0).any()):
+        raise ConfigError(f"episode has a class without support examples (shots per class "
+                          f"{ep.shots.tolist()}); every class needs at least one")
+
+
+# ------------------------------------------------------------- modules and updates
+class HeadNet(nn.Module):
+    """``head(backbone(x))``: a backbone with an N-way ``nn.Linear`` named ``head``.
+
+    The head is initialised by ``backbone.init_head`` when the backbone has one (Conv-4:
+    Xavier-uniform weights, zero bias as in MAML's code), else by PyTorch's default.
+    """
+
+    def __init__(self, backbone: nn.Module, ways: int):
+        super().__init__()
+        self.backbone = backbone
+        features = getattr(backbone, "out_features", None)
+        if not isinstance(features, int) or features < 1:
+            raise TypeError("the backbone must expose out_features (its flat feature size)")
+        self.head = nn.Linear(features, ways)
+        init = getattr(backbone, "init_head", None)
+        if callable(init):
+            init(self.head)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.backbone(x)
+        return self.head(z.reshape(z.shape[0], -1))
+
+
+class eval_mode:
+    """Context manager: put ``module`` in eval mode and restore its previous mode after.
+
+    Fine-tuning learners predict in eval mode so that a BatchNorm policy with running
+    statistics reads them (and never updates them) at test time, whatever mode the caller
+    left the learner in.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __enter__(self):
+        self.was_training = self.module.training
+        self.module.eval()
+        return self.module
+
+    def __exit__(self, *exc):
+        self.module.train(self.was_training)
+        return False
+
+
+def check_lr_halve_every(value) -> None:
+    """ConfigError unless the option ``lr_halve_every`` is an integer >= 0 (0 = never)."""
+    require(isinstance(value, int) and value >= 0,
+            f"learner option 'lr_halve_every' must be an integer >= 0 (0 = never), "
+            f"got {value!r}")
+
+
+def halve_lr_every(learner: Learner, every: int, optimizer_name: str = "meta") -> None:
+    """Halve the learning rate of ``learner.optimizers[optimizer_name]`` every ``every`` outer
+    steps (a StepLR with gamma 0.5, stepped by :meth:`Learner.outer_step`); 0 = constant."""
+    if every:
+        learner.schedulers[optimizer_name] = torch.optim.lr_scheduler.StepLR(
+            learner.optimizers[optimizer_name], step_size=every, gamma=0.5)
+
+
+def mean_episode_update(learner: Learner, episodes: List,
+                        episode_loss: Callable[[object], Tuple[Tensor, Tensor]],
+                        optimizer_name: str = "meta", **outer_options) -> Dict[str, Tensor]:
+    """One outer step on the mean of ``episode_loss`` over ``episodes``; returns loss / acc.
+
+    ``episode_loss(ep) -> (loss, (Q, N) scores)``. Each episode's ``loss / n`` is
+    back-propagated on its own, so its graph is freed before the next episode is processed
+    (memory holds one task at a time); the gradient is that of the mean. Then a
+    non-finite check, :meth:`Learner.outer_step` (``outer_options``: clipping) and the
+    step count. Metrics: mean loss and mean query accuracy of the scores' arg-max.
+    """
+    learner.optimizers[optimizer_name].zero_grad(set_to_none=True)
+    losses, accs = [], []
+    n = len(episodes)
+    for ep in episodes:
+        loss, scores = episode_loss(ep)
+        (loss / n).backward()
+        losses.append(loss.detach())
+        accs.append(accuracy(scores.detach(), ep.query_y))
+    loss = torch.stack(losses).mean()
+    learner.check_finite(loss, learner.steps_done)
+    learner.outer_step(optimizer_name, **outer_options)
+    learner.steps_done += 1
+    return {"loss": loss, "acc": torch.stack(accs).mean()}
+
+
+def scale_lrs_at_milestones(optimizers: Dict[str, torch.optim.Optimizer],
+                            base_lrs: Dict[str, List[float]], epoch: int, milestones: Sequence[int],
+                            gamma: float) -> None:
+    """At the start of ``epoch``: every learning rate = its base × gamma^(milestones passed)
+    (a MultiStepLR over epochs). ``base_lrs`` records each optimiser's first learning rates
+    (and is saved with the trainer state); no milestones leave the rates untouched."""
+    if not milestones:
+        return
+    k = sum(1 for m in milestones if epoch >= m)
+    for name, opt in optimizers.items():
+        bases = base_lrs.setdefault(name, [g["lr"] for g in opt.param_groups])
+        for g, base in zip(opt.param_groups, bases):
+            g["lr"] = base * (gamma ** k)
+
+
+def minibatch_indices(n: int, batch: Optional[int], steps: int, generator: torch.Generator) -> List[Tensor]:
+    """Row indices of the ``steps`` inner mini-batches over ``n`` examples.
+
+    As Reptile's ``_mini_batches``: the examples are shuffled, consumed ``batch`` at a time,
+    and reshuffled when exhausted (a batch may span two shuffles). ``batch=None`` or
+    ``batch >= n`` uses all examples at every step (in their original order).
+    """
+    if batch is None or batch >= n:
+        full = torch.arange(n)
+        return [full] * steps
+    need = steps * batch
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-need // n))])
+    return [order[t * batch:(t + 1) * batch] for t in range(steps)]
+
+
+def minibatch_loss(x: Tensor, y: Tensor, batches: List[Tensor], last: Dict[str, Tensor]):
+    """Inner-loop loss ``loss_fn(net)`` for :meth:`InnerLoop.adapt`: step t's cross-entropy
+    on the rows ``batches[t]`` of (x, y). ``last`` receives the detached ``loss`` and
+    ``acc`` of the latest step's mini-batch (before its update), so the training metrics
+    need no extra forward pass."""
+
+    def loss_fn(net):
+        rows = batches[net.step]
+        logits = net(x[rows])
+        loss = F.cross_entropy(logits, y[rows])
+        last["loss"], last["acc"] = loss.detach(), accuracy(logits.detach(), y[rows])
+        return loss
+
+    return loss_fn
+
+
+def class_sums(maps: Tensor, labels: Tensor, ways: int) -> Tensor:
+    """ρ_c = Σ_{x ∈ S_c} f_θ(x) (L2G eq. 9): (S, C, h, w) maps -> (ways, C, h, w)."""
+    onehot = (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(maps.dtype)  # (S, N); vmap-safe one-hot
+    return (onehot.t() @ maps.reshape(maps.shape[0], -1)).reshape(ways, *maps.shape[1:])
+
+
+def prototypes(embeddings: Tensor, labels: Tensor, ways: int) -> Tensor:
+    """c_k = mean of the support embeddings of class k (Snell et al. eq. 1), (ways, D).
+
+    Works for any number of shots per class (variable-shot episodes).
+    """
+    onehot = (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(embeddings.dtype)  # (S, N); vmap-safe one-hot
+    sums = onehot.t() @ embeddings  # (N, D)
+    counts = onehot.sum(0).clamp_min(1).unsqueeze(1)
+    return sums / counts
+
+
+def squared_euclidean_logits(queries: Tensor, protos: Tensor) -> Tensor:
+    """−‖f_φ(x) − c_k‖² for each query and prototype, (Q, N) (Snell et al. eq. 2).
+
+    Computed as the difference itself (not ‖a‖² + ‖b‖² − 2a·b, which cancels badly when
+    queries lie close to a prototype).
+    """
+    diff = queries.unsqueeze(1) - protos.unsqueeze(0)  # (Q, N, D)
+    return -(diff * diff).sum(-1)
