@@ -12,9 +12,15 @@ epochs, with learning-rate milestones at epoch starts.
 (:meth:`~Trainer._next_batch` is the one place a batch is drawn and reaches the device),
 :meth:`~Trainer._log_window` every ``log_every`` steps (the one place the metrics summed on
 the device reach the host), validation and checkpoints, then the finish (plot, evaluation).
-A non-finite loss is checked every step on CPU (cheap) and at each log window on GPU (no
-per-step host sync) and stops training with :class:`TrainingError` naming the step and the
-last finite metrics.
+A non-finite loss is checked every step on CPU (cheap); on a GPU the first non-finite step is
+tracked on the device (:class:`_FirstNonFinite`, no per-step host sync) and read at each log
+window and before every checkpoint. Either way training stops with :class:`TrainingError`
+naming the step at which the loss first stopped being finite and the last finite metrics.
+
+On CUDA, episodic batches come through a :class:`~fewshot.data.prefetch.BatchFeed`: batch k+1
+is gathered into pinned memory and copied with ``non_blocking=True`` on a side stream while
+step k runs; checkpoints record the sampler state of the first batch not yet trained on, so
+resume stays exact.
 
 Validation runs on fixed, seeded episodes of the val split; the weights with the best
 validation accuracy are kept as ``checkpoints/best.pt`` (the test split is never used for
@@ -54,6 +60,7 @@ from fewshot import distributed
 from fewshot.atomic import atomic_write_text
 from fewshot.config import config_hash, load_config, save_config
 from fewshot.data.episodes import DisjointPairSampler, fixed_episodes, make_sampler
+from fewshot.data.prefetch import BatchFeed
 from fewshot.data.store import open_split
 from fewshot.data.supervised import SupervisedAdapter
 from fewshot.errors import CheckpointError, ConfigError, FewShotError, TrainingError
@@ -188,6 +195,36 @@ class _Window:
         """Per-step means, over ranks too (a collective at fixed steps): the host sync."""
         sums = distributed.reduce_metrics(self.sums) if world > 1 else self.sums
         return {k: float(v) / self.count for k, v in sums.items()}
+
+
+class _FirstNonFinite:
+    """The first step whose ``loss`` metric was NaN or infinite, kept on the device.
+
+    ``observe`` queues three tiny device ops and never waits; ``step()`` is the host sync,
+    called once per log window and before each checkpoint.
+    """
+
+    NONE = 2 ** 62
+
+    def __init__(self):
+        self.first: Optional[torch.Tensor] = None
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach()).all()
+        mark = torch.where(bad, step, self.NONE)
+        self.first = mark if self.first is None else torch.minimum(self.first, mark)
+
+    def step(self) -> Optional[int]:
+        if self.first is None:
+            return None
+        first = int(self.first)
+        return None if first == self.NONE else first
+
+
+def _loss_checked_at_once(device: torch.device) -> bool:
+    """Whether every step's loss is checked as soon as it is computed: free on the CPU; on an
+    accelerator it would make the host wait for the device each step (:class:`_FirstNonFinite`)."""
+    return device.type == "cpu"
 
 
 @dataclass
@@ -444,6 +481,8 @@ class Trainer:
         val_every = self._val_interval()
         window = _Window()
         metrics_path = self.run_dir / "metrics.jsonl"
+        self._nonfinite = _FirstNonFinite()
+        self._feed = self._make_feed()
         try:
             with _Signals() as sig, (open(metrics_path, "a") if self.is_writer
                                      else contextlib.nullcontext()) as self._mfile:
@@ -458,6 +497,7 @@ class Trainer:
                     if self._checkpoint(prog, sig.received):
                         return sig.received
         finally:
+            self._feed.close()
             self._bar.close()
             self._tb.close()
         return None
@@ -468,11 +508,23 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if t.amp == "bf16" else torch.float16)
 
+    def _make_feed(self) -> BatchFeed:
+        """Episodic batches one ahead on CUDA (a sampler's batches depend only on its index);
+        the supervised adapter's epochs apply learning-rate milestones, so they are not drawn
+        ahead."""
+        if self.kind == "supervised":
+            return BatchFeed(lambda: next(self._batches), prefetch=False,
+                             state=getattr(self.sampler, "state_dict", None))
+        return BatchFeed(lambda: [self.sampler.sample() for _ in range(self.per_rank)],
+                         state=self.sampler.state_dict, device=self.device)
+
     def _next_batch(self):
         """The one place a training batch is drawn and reaches the device."""
-        if self.kind == "supervised":
-            return next(self._batches)
-        return [self.sampler.sample() for _ in range(self.per_rank)]
+        return next(self._feed)
+
+    def _sampler_state(self):
+        """The sampler's state for the first batch not yet trained on (one may be drawn ahead)."""
+        return self._feed.state_dict()
 
     def _train_step(self, prog: _Progression) -> Dict[str, Any]:
         """One outer step of the learner; returns its metrics (still on the device)."""
@@ -487,14 +539,29 @@ class Trainer:
         prog.step += 1
         if "loss" not in metrics:
             raise TrainingError(f"learner '{self.config.learner.name}' returned no 'loss' metric")
-        if self.device.type == "cpu" and not bool(torch.isfinite(metrics["loss"].detach()).all()):
-            raise TrainingError(f"non-finite loss ({float(metrics['loss'])}) at step {prog.step}; "
-                                f"last finite metrics: {_fmt_metrics(prog.last_metrics)}; "
-                                f"lower the learning rate or check the data")
+        if _loss_checked_at_once(self.device):
+            if not bool(torch.isfinite(metrics["loss"].detach()).all()):
+                self._raise_nonfinite(prog, prog.step, float(metrics["loss"]))
+        else:
+            self._nonfinite.observe(metrics["loss"], prog.step)
         return metrics
+
+    def _raise_nonfinite(self, prog: _Progression, step: int, value: Optional[float] = None):
+        shown = f" ({value})" if value is not None else ""
+        raise TrainingError(f"non-finite loss{shown} at step {step}; last finite metrics: "
+                            f"{_fmt_metrics(prog.last_metrics)}; lower the learning rate or "
+                            f"check the data")
+
+    def _check_nonfinite(self, prog: _Progression) -> None:
+        """The device-side record of a non-finite loss (one host sync), before it is logged
+        or checkpointed."""
+        first = self._nonfinite.step()
+        if first is not None:
+            self._raise_nonfinite(prog, first)
 
     def _log_window(self, prog: _Progression, window: _Window) -> None:
         """Means of the window's steps to metrics.jsonl, TensorBoard and the progress output."""
+        self._check_nonfinite(prog)
         row = window.means(self.world)
         if not all(math.isfinite(v) for v in row.values()):
             raise TrainingError(f"non-finite metrics {_fmt_metrics(row)} in steps "
@@ -534,6 +601,7 @@ class Trainer:
         self.state["train_seconds"] = round(secs, 3)
         due = (t.checkpoint_every and prog.step % t.checkpoint_every == 0) or prog.step == prog.total
         if signum is not None or due:
+            self._check_nonfinite(prog)  # never checkpoint weights a non-finite step has reached
             self._save_last(prog.step, {"best_val": prog.best_val, "best_step": prog.best_step,
                                         "base_lrs": self.base_lrs, "last_metrics": prog.last_metrics,
                                         "world": self.world, "train_seconds": secs})
@@ -602,13 +670,12 @@ class Trainer:
         extra = dict(trainer_state)
         self._sync_statistics()
         if self.world > 1:
-            mine = {"sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
-                    "rng": ckpt.rng_state()}
+            mine = {"sampler": self._sampler_state(), "rng": ckpt.rng_state()}
             extra["ranks"] = distributed.all_gather_object(mine)
         if self.is_writer:
             ckpt.save_checkpoint(self.run_dir / "checkpoints" / "last.pt", step=step,
                                  config_hash=self.hash, learner=self.learner,
-                                 sampler=self.sampler, trainer=extra)
+                                 sampler=self._feed, trainer=extra)
             self._write_state()
 
     def _lr(self) -> Optional[float]:

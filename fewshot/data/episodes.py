@@ -43,7 +43,8 @@ class Episode:
         support_y: (S,) int64 labels in ``0..ways-1``.
         query_x: (Q, C, H, W) float images of the query set.
         query_y: (Q,) int64 labels in ``0..ways-1``.
-        classes: (ways,) int64 ids of the store's classes, ``classes[k]`` is label ``k``.
+        classes: (ways,) int64 ids of the store's classes, ``classes[k]`` is label ``k``
+            (kept on the host by :meth:`to`).
         base_support_y / base_query_y: optional (S,) / (Q,) labels in the store's own class
             ids (used by MTL's transfer head and the transfer baseline).
     """
@@ -66,11 +67,15 @@ class Episode:
         return torch.bincount(self.support_y, minlength=self.ways)
 
     def to(self, device, non_blocking: bool = False) -> "Episode":
-        """The same episode with every tensor on ``device``."""
+        """The same episode with every tensor on ``device``, except ``classes``: the store ids
+        are bookkeeping that checks read on the host (e.g. L2G's disjoint-pair check), so they
+        stay there and reading them never waits for the device."""
         moved = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            moved[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v
+            if f.name == "classes" or not isinstance(v, Tensor):
+                continue
+            moved[f.name] = v.to(device, non_blocking=non_blocking)
         return replace(self, **moved)
 
     def pin_memory(self) -> "Episode":

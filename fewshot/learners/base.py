@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Dict, Iterable, Optional
+from typing import Any, ClassVar, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,14 @@ class LearnerConfig:
                     raise ConfigError(f"learner option '{f.name}' is NaN; give a number")
         if self.lr <= 0:
             raise ConfigError(f"learner option 'lr' must be > 0, got {self.lr}")
+
+
+def host_label_span(y: Tensor) -> Optional[Tuple[int, int]]:
+    """(min, max) of labels held on the host; None when empty or on an accelerator, where
+    reading them would make the host wait for the device at every step."""
+    if y.device.type != "cpu" or y.numel() == 0:
+        return None
+    return int(y.min()), int(y.max())
 
 
 def require(cond: bool, message: str) -> None:
@@ -154,19 +162,29 @@ class Learner(nn.Module, metaclass=_LearnerMeta):
 
     @staticmethod
     def check_finite(loss: Tensor, step: int) -> None:
-        """Raise :class:`TrainingError` when ``loss`` is NaN or infinite (forces a sync)."""
-        if not torch.isfinite(loss).all():
+        """Raise :class:`TrainingError` when ``loss`` is NaN or infinite.
+
+        Checked at once on the CPU (no device to wait for). On an accelerator the check would
+        stall the device every step, so it is left to the trainer, which tracks the first
+        non-finite ``loss`` metric on the device and reports its step at the next log window.
+        """
+        if loss.device.type == "cpu" and not torch.isfinite(loss).all():
             raise TrainingError(f"non-finite loss ({float(loss)}) at training step {step}")
 
     def check_episode(self, episode) -> None:
-        """Refuse an episode whose labels or shapes cannot be right for any learner."""
+        """Refuse an episode whose labels or shapes cannot be right for any learner.
+
+        Label ranges are read only from labels on the host (:func:`host_label_span`): the
+        samplers build their labels on the host, in range by construction, before the copy.
+        """
         ways = episode.ways
         if ways < 1:
             raise ConfigError("episode has zero ways")
         for part, y in (("support", episode.support_y), ("query", episode.query_y)):
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= ways):
+            span = host_label_span(y)
+            if span is not None and (span[0] < 0 or span[1] >= ways):
                 raise ConfigError(f"episode {part} labels must lie in 0..{ways - 1}, "
-                                  f"found {int(y.min())}..{int(y.max())}")
+                                  f"found {span[0]}..{span[1]}")
         if episode.support_x.shape[1:] != episode.query_x.shape[1:]:
             raise ConfigError(f"support images {tuple(episode.support_x.shape[1:])} and query "
                               f"images {tuple(episode.query_x.shape[1:])} differ in shape")

@@ -107,7 +107,9 @@ def check_episode(learner: Learner, ep, ways: int | None = None) -> None:
     if ways is not None and ep.ways != ways:
         raise ConfigError(f"learner '{learner.name}' was configured with ways={ways} but the "
                           f"episode is {ep.ways}-way; set the learner option 'ways' to {ep.ways}")
-    if ep.support_y.numel() == 0 or bool((ep.shots == 0).any()):
+    # shots per class from host labels only (on a device it would be a sync every step)
+    on_host = ep.support_y.device.type == "cpu"
+    if ep.support_y.numel() == 0 or (on_host and bool((ep.shots == 0).any())):
         raise ConfigError(f"episode has a class without support examples (shots per class "
                           f"{ep.shots.tolist()}); every class needs at least one")
 

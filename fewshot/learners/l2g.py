@@ -122,7 +122,8 @@ def build_relation_scorer(learner: Learner) -> RelationNetScorer:
 
 
 def check_disjoint_pairs(pairs: Sequence[Tuple[object, object]]) -> None:
-    """Raise :class:`DataError` if some pair (T_i, T_j) shares a class (one host sync in all).
+    """Raise :class:`DataError` if some pair (T_i, T_j) shares a class (``classes`` stay on the
+    host, :meth:`Episode.to`, so this never waits for the device).
 
     L2G's eq. 4 needs T_j "from a *disjoint* set of classes to the classes in the task T_i";
     the pair sampler guarantees it, this catches a mis-configured batch source.
@@ -197,7 +198,7 @@ class _BilevelMetric(Learner):
                                learn_lr=cfg.learn_inner_lr, lr_per="layer",
                                first_order=cfg.first_order, bn=cfg.bn)
         params = list(self.scorer.parameters()) + list(self.inner.parameters())
-        self.optimizers["meta"] = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizers["meta"] = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
         halve_lr_every(self, cfg.lr_halve_every)
 
     # the base learner X -------------------------------------------------------------------

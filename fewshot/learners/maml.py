@@ -112,7 +112,7 @@ class MAML(Learner):
                               learn_lr=c.learn_inner_lr, lr_per=c.lr_per, adapt=c.adapt,
                               first_order=c.first_order, bn=c.bn)
         params = list(self.net.parameters()) + list(self.loop.parameters())
-        self.optimizers["meta"] = torch.optim.Adam(params, lr=c.lr)
+        self.optimizers["meta"] = torch.optim.Adam(params, lr=c.lr, foreach=True)
 
     def _support_loss(self, episode):
         def loss_fn(net):

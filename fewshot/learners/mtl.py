@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from fewshot.errors import ConfigError, DataError
 from fewshot.inner_loop import BN_POLICIES, InnerLoop, batched_oom_guard
-from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
+from fewshot.learners.base import Learner, LearnerConfig, accuracy, host_label_span, require
 from fewshot.learners.common import (check_batch, check_episode, eval_mode, minibatch_indices,
                                      minibatch_loss, positive_float, positive_int)
 from fewshot.learners.batching import batched_query_loss, batches_tasks, check_task_batching, stack
@@ -288,8 +288,8 @@ class _MTL(Learner):
     @staticmethod
     def _optimizer(params, kind: str, lr: float, beta1: float) -> torch.optim.Optimizer:
         if kind == "adam":
-            return torch.optim.Adam(params, lr=lr, betas=(beta1, 0.999))
-        return torch.optim.SGD(params, lr=lr)
+            return torch.optim.Adam(params, lr=lr, betas=(beta1, 0.999), foreach=True)
+        return torch.optim.SGD(params, lr=lr, foreach=True)
 
     # ----------------------------------------------------------------------- checks
     def inner_examples(self, ways: int, shots: int, queries: int) -> int:
@@ -535,8 +535,9 @@ class _MTL(Learner):
         return metrics
 
     def _check_base(self, y: Tensor) -> None:
-        if int(y.min()) < 0 or int(y.max()) >= self.net.base_head.out_features:
-            raise DataError(f"base-class labels {int(y.min())}..{int(y.max())} do not fit the "
+        span = host_label_span(y)  # None on a device: no per-step sync
+        if span is not None and (span[0] < 0 or span[1] >= self.net.base_head.out_features):
+            raise DataError(f"base-class labels {span[0]}..{span[1]} do not fit the "
                             f"C-way head (C = num_classes = {self.net.base_head.out_features})")
 
     # ------------------------------------------------------------------------ test

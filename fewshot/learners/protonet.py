@@ -66,7 +66,7 @@ class ProtoNet(Learner):
                          num_classes=num_classes, backbone=backbone)
         #: the embedding f_φ, (B, C, H, W) -> (B, D)
         self.encoder = self.make_backbone()
-        self.optimizers["meta"] = torch.optim.Adam(self.encoder.parameters(), lr=self.config.lr)
+        self.optimizers["meta"] = torch.optim.Adam(self.encoder.parameters(), lr=self.config.lr, foreach=True)
         halve_lr_every(self, self.config.lr_halve_every)
 
     def episode_logits(self, episode) -> Tensor:

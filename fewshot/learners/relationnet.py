@@ -93,7 +93,7 @@ class RelationNet(Learner):
                               "(flatten=False) and exposes out_shape = (C, h, w)")
         #: d_φ: concatenated pairs (P, 2C, h, w) -> scores (P,)
         self.relation = RelationModule.for_backbone(self.encoder, hidden=c.relation_hidden)
-        self.optimizers["meta"] = torch.optim.Adam(self.parameters(), lr=c.lr)
+        self.optimizers["meta"] = torch.optim.Adam(self.parameters(), lr=c.lr, foreach=True)
         halve_lr_every(self, c.lr_halve_every)
 
     def episode_scores(self, episode) -> Tensor:

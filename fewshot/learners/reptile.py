@@ -129,7 +129,7 @@ class Reptile(Learner):
         #: the inner optimiser U (detached steps)
         self.loop = InnerLoop(self.net, steps=c.inner_steps, lr=c.lr, optimizer=c.inner_optimizer,
                               adam_betas=(c.adam_beta1, 0.999), bn=c.bn)
-        self.optimizers["meta"] = torch.optim.SGD(self.net.parameters(), lr=c.meta_step_size)
+        self.optimizers["meta"] = torch.optim.SGD(self.net.parameters(), lr=c.meta_step_size, foreach=True)
 
     def meta_step_size(self, step: Optional[int] = None) -> float:
         """ε_t: linear from ``meta_step_size`` (t = 0) to ``meta_step_size_final`` (t >= T)."""

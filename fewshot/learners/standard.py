@@ -137,9 +137,9 @@ class SupervisedLearner(Learner):
         if extra:
             groups.append({"params": extra, "weight_decay": 0.0})
         if c.optimizer == "adam":
-            opt = torch.optim.Adam(groups, lr=c.lr)
+            opt = torch.optim.Adam(groups, lr=c.lr, foreach=True)
         else:
-            opt = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov)
+            opt = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, foreach=True)
         self.optimizers["meta"] = opt
 
     def current_lr(self) -> float:

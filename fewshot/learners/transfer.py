@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from fewshot.errors import ConfigError
 from fewshot.inner_loop import InnerLoop
-from fewshot.learners.base import Learner, LearnerConfig, accuracy
+from fewshot.learners.base import Learner, LearnerConfig, accuracy, host_label_span
 from fewshot.learners.common import (HeadNet, boolean, check_batch, check_episode, eval_mode,
                                      positive_float, positive_int)
 from fewshot.learners.batching import check_task_batching, stack, support_loss
@@ -89,7 +89,7 @@ class Transfer(Learner):
                               f"(base) classes (>= 2), got {num_classes!r}")
         #: body + head over all base classes
         self.net = HeadNet(self.make_backbone(), num_classes)
-        self.optimizers["meta"] = torch.optim.Adam(self.net.parameters(), lr=self.config.lr)
+        self.optimizers["meta"] = torch.optim.Adam(self.net.parameters(), lr=self.config.lr, foreach=True)
 
     def _examples(self, episodes):
         xs, ys = [], []
@@ -101,7 +101,8 @@ class Transfer(Learner):
             xs += [ep.support_x, ep.query_x]
             ys += [ep.base_support_y, ep.base_query_y]
         y = torch.cat(ys)
-        lo, hi = int(y.min()), int(y.max())
+        span = host_label_span(y)  # None on a device: no per-step sync
+        lo, hi = span if span is not None else (0, 0)
         if lo < 0 or hi >= self.num_classes:
             raise ConfigError(f"episode base-class labels span {lo}..{hi} but learner 'transfer' "
                               f"was built for num_classes={self.num_classes}; build it with the "

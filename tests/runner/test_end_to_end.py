@@ -205,6 +205,42 @@ def test_nonfinite_loss_stops_with_step_and_last_metrics(glyphs_root, tmp_path, 
     assert "non-finite loss (nan) at step 4" in err and "last finite metrics: step=3" in err
 
 
+def test_deferred_nonfinite_check_names_the_first_bad_step(glyphs_root, tmp_path, monkeypatch, capsys,
+                                                          write_config):
+    """As on a GPU: no per-step check; the device-side record of the first non-finite step is
+    read at the log window (step 6), and no checkpoint is written from the poisoned weights."""
+    from fewshot import trainer
+    from fewshot.learners import get_learner
+
+    cls = get_learner("protonet")
+    real = cls.train_step
+
+    def poisoned(self, batch):
+        out = real(self, batch)
+        if self.steps_done >= 4:
+            out = dict(out, loss=out["loss"] * float("nan"))
+        return out
+
+    monkeypatch.setattr(cls, "train_step", poisoned)
+    monkeypatch.setattr(trainer, "_loss_checked_at_once", lambda device: False)
+    cfg = write_config(tmp_path / "c.toml", glyphs_root, episodes=10, log_every=3, checkpoint_every=5,
+                       val_every=0)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "non-finite loss at step 4;" in err and "last finite metrics: step=3" in err
+    assert not (tmp_path / "r" / "checkpoints" / "last.pt").exists()
+
+
+def test_first_nonfinite_keeps_the_earliest_step():
+    from fewshot.trainer import _FirstNonFinite
+
+    watch = _FirstNonFinite()
+    assert watch.step() is None
+    for step, value in [(1, 0.5), (2, float("inf")), (3, 1.0), (4, float("nan"))]:
+        watch.observe(torch.tensor(value), step)
+    assert watch.step() == 2
+
+
 def test_embed_draws_a_projection(trained, tmp_path, capsys):
     _, (run, _) = trained
     out = tmp_path / "e.png"
