@@ -204,6 +204,8 @@ class InnerLoop(nn.Module):
         self._init_bn(model, bn, steps)
         object.__setattr__(self, "_fmodel", None)
         object.__setattr__(self, "_pairs", None)
+        object.__setattr__(self, "_group_index", None)  # α's group of each adapted tensor
+        object.__setattr__(self, "_alpha_cache", None)  # (α's identity, fixed α per tensor)
 
     def _select(self, model: nn.Module, adapt: Selector, lr_per: str) -> None:
         """The adapted tensors (indices, names) and their step-size groups."""
@@ -295,32 +297,21 @@ class InnerLoop(nn.Module):
         if len(params) != len(self.param_names):
             raise ConfigError(f"adapt() got {len(params)} parameter tensors, the model has "
                               f"{len(self.param_names)}")
-        alpha = self.alpha if differentiable else self.alpha.detach()
         create_graph = differentiable and not self.first_order
         idx = self._adapted_idx
         if not differentiable:
             params = [p.detach() for p in params]
+            for i in idx:
+                params[i].requires_grad_(True)
+        alphas = self._alpha_per_tensor(differentiable)
         m_state: List[Optional[Tensor]] = [None] * len(idx)
         v_state: List[Optional[Tensor]] = [None] * len(idx)
         with torch.enable_grad():
             for t in range(steps):
-                if not differentiable:
-                    for i in idx:
-                        params[i] = params[i].detach().requires_grad_(True)
                 loss = loss_fn(Adapted(self, params, t, inner=True))
                 grads = torch.autograd.grad(loss, [params[i] for i in idx], create_graph=create_graph,
                                             allow_unused=True)
-                new = list(params)
-                for k, (i, g) in enumerate(zip(idx, grads)):
-                    if g is None:
-                        continue
-                    if not create_graph:
-                        g = g.detach()
-                    a = alpha[self._group_idx[k]]
-                    if self.optimizer == "adam":
-                        g = self._adam_direction(k, g, t + 1, m_state, v_state)
-                    new[i] = params[i] - a * g
-                params = new
+                params = self._update(params, grads, alphas, t, m_state, v_state, differentiable)
         if not differentiable:
             params = [p.detach() for p in params]
         return Adapted(self, params, steps)
@@ -523,6 +514,49 @@ class InnerLoop(nn.Module):
             rv.copy_((rv.double() * keep + (w * var.double()).sum(0)).to(rv.dtype))
 
     # ---------------------------------------------------------------- internal
+    def _alpha_per_tensor(self, differentiable: bool) -> Union[List[Tensor], List[float]]:
+        """α_{g(a)} for every adapted tensor a, gathered once per adaptation.
+
+        A learnable α (``differentiable`` and α requires grad): 0-d views of one gather
+        ``α[g]`` (one autograd node); otherwise Python floats, read from α once and cached
+        until α changes (its version counter or storage), so fixed-α steps neither build a
+        graph to α nor index it per tensor (and cost no host sync per step).
+        """
+        alpha = self.alpha
+        if differentiable and alpha.requires_grad:
+            if self._group_index is None or self._group_index.device != alpha.device:
+                object.__setattr__(self, "_group_index", torch.tensor(self._group_idx, device=alpha.device))
+            return list(alpha[self._group_index].unbind())
+        key = (alpha.data_ptr(), alpha._version, alpha.device)
+        if self._alpha_cache is None or self._alpha_cache[0] != key:
+            values = alpha.detach().tolist()
+            object.__setattr__(self, "_alpha_cache", (key, [float(values[g]) for g in self._group_idx]))
+        return self._alpha_cache[1]
+
+    def _update(self, params: List[Tensor], grads, alphas, t: int, m_state, v_state,
+                differentiable: bool) -> List[Tensor]:
+        """θ_{t+1}[a] = θ_t[a] − α_{g(a)} · d_a for the adapted a (d = ∇L, or Adam's direction),
+        as ``torch._foreach_*`` over the adapted tensors (one autograd node per op). Tensors
+        without a gradient (unused by the loss) stay as they are."""
+        idx = self._adapted_idx
+        ks = [k for k, g in enumerate(grads) if g is not None]
+        if not ks:
+            return params
+        ps = [params[idx[k]] for k in ks]
+        ds = [grads[k] for k in ks]
+        if self.optimizer == "adam":
+            ds = [self._adam_direction(k, d, t + 1, m_state, v_state) for k, d in zip(ks, ds)]
+        a = [alphas[k] for k in ks]
+        with contextlib.nullcontext() if differentiable else torch.no_grad():
+            if isinstance(a[0], float) and all(v == a[0] for v in a):
+                new = torch._foreach_add(ps, ds, alpha=-a[0])
+            else:
+                new = torch._foreach_sub(ps, torch._foreach_mul(ds, a))
+        out = list(params)
+        for k, p in zip(ks, new):
+            out[idx[k]] = p if differentiable else p.requires_grad_(True)
+        return out
+
     def _adam_direction(self, k: int, g: Tensor, t: int, m_state, v_state) -> Tensor:
         """Adam's bias-corrected direction m̂ / (√v̂ + ε) for adapted tensor ``k`` at step ``t``."""
         b1, b2 = self.adam_betas
