@@ -361,7 +361,7 @@ class InnerLoop(nn.Module):
         if not differentiable:
             params = [p.detach() for p in params]
         batched = [False] * len(params)
-        alpha = self.alpha if differentiable else self.alpha.detach()
+        alphas = self._alpha_per_tensor(differentiable)
         second = differentiable and not self.first_order
         m_state: List[Optional[Tensor]] = [None] * len(self._adapted_idx)
         v_state: List[Optional[Tensor]] = [None] * len(self._adapted_idx)
@@ -371,41 +371,49 @@ class InnerLoop(nn.Module):
                                                    second, seen)
             losses.append(loss)
             auxes.append(aux)
-            new = list(params)
-            for k, (i, g) in enumerate(zip(self._adapted_idx, grads)):
-                if self.optimizer == "adam":
-                    g = self._adam_direction(k, g, t + 1, m_state, v_state)
-                new[i] = params[i] - alpha[self._group_idx[k]] * g
+            params = self._update(params, grads, alphas, t, m_state, v_state, differentiable)
+            for i in self._adapted_idx:
                 batched[i] = True
-            params = new
         if not differentiable:
             params = [p.detach() for p in params]
         return BatchedAdapted(self, params, batched, steps, n_tasks, losses, auxes, seen)
 
     def _batched_grads(self, loss_fn, params, batched, task_tensors, t: int, second: bool, seen):
-        """(∇_{θ[a]} L_i(θ^i_t) for the adapted a, each (T, ...); L_i(θ^i_t) (T,); aux)."""
-        idx = self._adapted_idx
+        """(∇_{θ[a]} L_i(θ^i_t) for the adapted a, each (T, ...); L_i(θ^i_t) (T,); aux).
+
+        One vmapped forward of the T task losses at per-task weights Θ[a] = (θ^1_t[a], ...,
+        θ^T_t[a]) (θ_0 expanded at t = 0, no copy), then one ordinary backward of Σ_i L_i:
+        ∂(Σ_j L_j)/∂Θ[a]_i = ∇_{θ[a]} L_i(θ^i_t), the tasks being independent. Second order:
+        ``create_graph`` on the in-graph Θ; first order: Θ and the rest are detached leaves,
+        so ∇L is a constant for the outer backward.
+        """
+        idx, n = self._adapted_idx, task_tensors[0].shape[0]
+        stacked = [params[i] if batched[i] else params[i].expand(n, *params[i].shape) for i in idx]
+        full = list(params) if second else [p.detach() for p in params]
+        if not second:
+            stacked = [s.detach().requires_grad_(True) for s in stacked]
+        for k, i in enumerate(idx):
+            full[i] = stacked[k]
+        dims = [0 if b else None for b in batched]
+        for i in idx:
+            dims[i] = 0
         targets: List[tuple] = []
 
-        def per_task(full, *task):
-            def loss_of(adapted):
-                ps = list(full)
-                for k, i in enumerate(idx):
-                    ps[i] = adapted[k]
-                net = _TaskNet(self, ps, t, inner=True, plain_bn=second)
-                out = loss_fn(net, *task)
-                loss, aux = out if isinstance(out, tuple) else (out, ())
-                targets[:] = net.targets
-                return loss, (loss.detach(), aux, net.stats)
-            return torch.func.grad(loss_of, has_aux=True)([full[i] for i in idx])
+        def per_task(ps, *task):
+            net = _TaskNet(self, ps, t, inner=True, plain_bn=second)
+            out = loss_fn(net, *task)
+            loss, aux = out if isinstance(out, tuple) else (out, ())
+            targets[:] = net.targets
+            return loss, aux, net.stats
 
-        dims = [0 if b else None for b in batched]
-        fn = torch.func.vmap(per_task, in_dims=(dims, *[0] * len(task_tensors)),
-                             randomness="different")
-        with torch.enable_grad() if second else torch.no_grad():
-            grads, (loss, aux, stats) = fn(params, *task_tensors)
+        fn = torch.func.vmap(per_task, in_dims=(dims, *[0] * len(task_tensors)), randomness="different")
+        with torch.enable_grad():
+            loss, aux, stats = fn(full, *task_tensors)
+            grads = torch.autograd.grad(loss.sum(), stacked, create_graph=second,
+                                        materialize_grads=True)
         self._apply_bn_stats(targets, stats, seen)
-        return grads, loss, aux
+        aux = torch.utils._pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, aux)
+        return list(grads), loss.detach(), aux
 
     def _batched_forward(self, net: "BatchedAdapted", args, kwargs):
         """vmap of the patched model over tasks at ``net.params`` (keyword arguments shared)."""
