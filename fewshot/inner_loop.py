@@ -325,20 +325,19 @@ class InnerLoop(nn.Module):
         The update of :meth:`adapt` for every task i (module docstring):
         θ^i_{t+1}[a] = θ^i_t[a] − α_{g(a)} · ∇_{θ[a]} L_i(θ^i_t), with θ^i_0 = θ_0 shared
         (vmap ``in_dims=None``) and α captured (shared, not vmapped). ``loss_fn(net,
-        *task_i_tensors)`` is one task's loss, or ``(loss, aux)``; it runs inside
-        ``torch.func.vmap`` over tasks with ``torch.func.grad`` for ∇L. The update runs outside
-        vmap with ordinary autograd, so the outer loss back-propagates to θ_0 and α: second
-        order through ``grad``'s differentiable result; first order (and
-        ``differentiable=False``) computes ∇L under ``torch.no_grad`` (``grad`` ignores an outer
-        no_grad, the outer graph records nothing), so ∇L is a constant for the outer backward.
-        Adam keeps per-task moments (T, ...).
+        *task_i_tensors)`` is one task's loss, or ``(loss, aux)``; only the forwards run inside
+        ``torch.func.vmap`` over tasks; ∇L and the update (``torch._foreach_*``, shared with
+        :meth:`adapt`) use ordinary autograd (:meth:`_batched_grads`), so the outer loss
+        back-propagates to θ_0 and α (second order: ``create_graph``; first order and
+        ``differentiable=False``: ∇L of detached leaves, a constant). Adam keeps per-task
+        moments (T, ...).
 
         Functional model: ``higher``'s patched model (its forward is plain Python over
-        tensors and composes with vmap) except BatchNorm: ``F.batch_norm`` on batch statistics
-        under vmap gives exact values and first derivatives but wrong second derivatives, so
-        the forwards of second-order inner gradients run every patched BatchNorm as plain
-        mean/var ops (:func:`_bn_apply`); all other batched forwards (first order, outer,
-        eval) keep the fused ``F.batch_norm`` (first derivatives only, exact, faster).
+        tensors and composes with vmap), BatchNorm included (each patched BatchNorm's forward
+        is redirected to :meth:`_plain_bn` for the policy below). ``torch.func.grad`` inside
+        vmap is not used: with it, ``F.batch_norm``'s second derivatives under vmap were wrong
+        (plain mean/var ops were needed) and the transform's wrapping dispatched ~25% more
+        operators; autograd over the vmapped forward's physical ops is exact to second order.
         BN policies, batched: ``"transductive"``: per-task batch statistics, as sequential.
         ``"running"`` / ``"per_step"``: training forwards normalise with per-task batch
         statistics; the statistics that update running statistics leave vmap as outputs and
@@ -400,7 +399,7 @@ class InnerLoop(nn.Module):
         targets: List[tuple] = []
 
         def per_task(ps, *task):
-            net = _TaskNet(self, ps, t, inner=True, plain_bn=second)
+            net = _TaskNet(self, ps, t, inner=True)
             out = loss_fn(net, *task)
             loss, aux = out if isinstance(out, tuple) else (out, ())
             targets[:] = net.targets
@@ -463,8 +462,8 @@ class InnerLoop(nn.Module):
         return None, None
 
     def _plain_bn(self, k: int, plan: tuple, net: "_TaskNet", x: Tensor) -> Tensor:
-        """BatchNorm of layer k as plain ops (exact second derivatives under vmap); records
-        the batch mean and unbiased variance when they update running statistics."""
+        """BatchNorm of layer k inside vmap under the policy's ``plan``; records the batch
+        mean and unbiased variance when they update running statistics."""
         running, target = plan
         iw, ib = self._bn_param_idx[k]
         w = net.params[iw] if iw is not None else None
@@ -472,15 +471,11 @@ class InnerLoop(nn.Module):
         eps = self._pairs[1][k].module.eps
         if running is not None:
             return F.batch_norm(x, running[0], running[1], w, b, False, 0.0, eps)
-        dims = [0] + list(range(2, x.dim()))
-        if target is not None or net.plain_bn:
-            mean, var = x.mean(dims), x.var(dims, correction=0)
         if target is not None:
-            n = x.numel() // x.shape[1]
-            net.stats += [mean.detach(), (var * (n / max(n - 1, 1))).detach()]
+            with torch.no_grad():
+                dims = [0] + list(range(2, x.dim()))
+                net.stats += [x.mean(dims), x.var(dims, correction=1)]
             net.targets.append(target)
-        if net.plain_bn:
-            return _bn_apply(x, mean, var, w, b, eps)
         return F.batch_norm(x, None, None, w, b, True, 0.0, eps)
 
     @torch.no_grad()
@@ -711,29 +706,15 @@ def batched_oom_guard(meta_batch: int, who: str = "learner"):
             f"memory at a time) or a smaller meta_batch") from e
 
 
-def _bn_apply(x: Tensor, mean: Tensor, var: Tensor, w: Optional[Tensor], b: Optional[Tensor],
-              eps: float) -> Tensor:
-    """y = (x − μ_c) / √(σ²_c + ε) · γ_c + β_c over channel dim 1 (Ioffe & Szegedy eq. in Alg. 1)."""
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
-    if w is not None:
-        y = y * w.view(shape)
-    if b is not None:
-        y = y + b.view(shape)
-    return y
-
-
 class _TaskNet:
     """One task's network inside ``vmap``: ``net(x)`` runs the patched model at ``params``
-    with plain-op BatchNorm; ``step`` as :class:`Adapted`; ``stats`` collects the batch
+    with the batched BatchNorm of :meth:`InnerLoop._plain_bn`; ``step`` as :class:`Adapted`; ``stats`` collects the batch
     statistics that update running statistics (returned out of vmap, applied in task order)."""
 
-    __slots__ = ("_loop", "params", "step", "_inner", "stats", "targets", "plain_bn")
+    __slots__ = ("_loop", "params", "step", "_inner", "stats", "targets")
 
-    def __init__(self, loop: "InnerLoop", params: List[Tensor], step: int, inner: bool,
-                 plain_bn: bool = False):
+    def __init__(self, loop: "InnerLoop", params: List[Tensor], step: int, inner: bool):
         self._loop, self.params, self.step, self._inner = loop, params, step, inner
-        self.plain_bn = plain_bn
         self.stats: List[Tensor] = []
         self.targets: List[tuple] = []
 
