@@ -374,7 +374,7 @@ class InnerLoop(nn.Module):
         """
         idx, n = self._adapted_idx, task_tensors[0].shape[0]
         stacked = [params[i] if batched[i] else params[i].expand(n, *params[i].shape) for i in idx]
-        full = list(params) if second else [p.detach() for p in params]
+        full = list(params)  # first order: only the adapted Θ below are detached leaves
         if not second:
             stacked = [s.detach().requires_grad_(True) for s in stacked]
         for k, i in enumerate(idx):
