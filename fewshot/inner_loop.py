@@ -317,7 +317,7 @@ class InnerLoop(nn.Module):
 
         The update of :meth:`adapt` for every task i (module docstring):
         θ^i_{t+1}[a] = θ^i_t[a] − α_{g(a)} · ∇_{θ[a]} L_i(θ^i_t), with θ^i_0 = θ_0 shared
-        (vmap ``in_dims=None``) and α captured (shared, not vmapped). ``loss_fn(net,
+        (expanded over tasks, no copy) and α captured (shared, not vmapped). ``loss_fn(net,
         *task_i_tensors)`` is one task's loss, or ``(loss, aux)``; only the forwards run inside
         ``torch.func.vmap`` over tasks; ∇L and the update (``torch._foreach_*``, shared with
         :meth:`adapt`) use ordinary autograd (:meth:`_batched_grads`), so the outer loss
@@ -369,8 +369,8 @@ class InnerLoop(nn.Module):
         One vmapped forward of the T task losses at per-task weights Θ[a] = (θ^1_t[a], ...,
         θ^T_t[a]) (θ_0 expanded at t = 0, no copy), then one ordinary backward of Σ_i L_i:
         ∂(Σ_j L_j)/∂Θ[a]_i = ∇_{θ[a]} L_i(θ^i_t), the tasks being independent. Second order:
-        ``create_graph`` on the in-graph Θ; first order: Θ and the rest are detached leaves,
-        so ∇L is a constant for the outer backward.
+        ``create_graph`` on the in-graph Θ; first order: Θ are detached leaves, so ∇L is a
+        constant for the outer backward.
         """
         idx, n = self._adapted_idx, task_tensors[0].shape[0]
         stacked = [params[i] if batched[i] else params[i].expand(n, *params[i].shape) for i in idx]
