@@ -204,7 +204,6 @@ class InnerLoop(nn.Module):
         self._init_bn(model, bn, steps)
         object.__setattr__(self, "_fmodel", None)
         object.__setattr__(self, "_pairs", None)
-        object.__setattr__(self, "_group_index", None)  # α's group of each adapted tensor
         object.__setattr__(self, "_alpha_cache", None)  # (α's identity, fixed α per tensor)
 
     def _select(self, model: nn.Module, adapt: Selector, lr_per: str) -> None:
@@ -517,16 +516,15 @@ class InnerLoop(nn.Module):
     def _alpha_per_tensor(self, differentiable: bool) -> Union[List[Tensor], List[float]]:
         """α_{g(a)} for every adapted tensor a, gathered once per adaptation.
 
-        A learnable α (``differentiable`` and α requires grad): 0-d views of one gather
-        ``α[g]`` (one autograd node); otherwise Python floats, read from α once and cached
+        A learnable α (``differentiable`` and α requires grad): 0-d views of one
+        ``α.unbind()`` (one autograd node, one view per group); otherwise Python floats, read from α once and cached
         until α changes (its version counter or storage), so fixed-α steps neither build a
         graph to α nor index it per tensor (and cost no host sync per step).
         """
         alpha = self.alpha
         if differentiable and alpha.requires_grad:
-            if self._group_index is None or self._group_index.device != alpha.device:
-                object.__setattr__(self, "_group_index", torch.tensor(self._group_idx, device=alpha.device))
-            return list(alpha[self._group_index].unbind())
+            parts = alpha.unbind()
+            return [parts[g] for g in self._group_idx]
         key = (alpha.data_ptr(), alpha._version, alpha.device)
         if self._alpha_cache is None or self._alpha_cache[0] != key:
             values = alpha.detach().tolist()
