@@ -277,3 +277,48 @@ def test_dropout_follows_model_mode():
     torch.manual_seed(3)
     b = net(x)
     torch.testing.assert_close(a, b)
+
+
+def sgd_reference(net, x, y, lrs, steps):
+    """``steps`` plain SGD steps θ ← θ − α_n ∇_θ L by torch.func (α per parameter name)."""
+    p = {k: v.detach().clone() for k, v in net.named_parameters()}
+    loss = lambda q: F.cross_entropy(functional_call(net, q, (x,)), y)  # noqa: E731
+    for _ in range(steps):
+        g = grad(loss)(p)
+        p = {k: p[k] - lrs[k] * g[k] for k in p}
+    return p
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_step_size_changed_in_place_is_used_by_the_next_adaptation(learn):
+    """Fixed α is read once and cached (the foreach update takes Python floats); an in-place
+    change of α (an optimiser step, a clamp, ``fill_``) must reach the next adaptation, with
+    and without a graph, for per-tensor step sizes that differ."""
+    net = small_net()
+    names = [n for n, _ in net.named_parameters()]
+    lrs = {n: 0.1 * (k + 1) for k, n in enumerate(names)}
+    loop = InnerLoop(net, steps=2, lr=lrs, learn_lr=learn)
+    x, y = data()
+    for scale in (1.0, 3.0):
+        for differentiable in (True, False):
+            adapted = loop.adapt(lambda f: F.cross_entropy(f(x), y), differentiable=differentiable)
+            ref = sgd_reference(net, x, y, {n: scale * v for n, v in lrs.items()}, 2)
+            for n, p in adapted.named_params().items():
+                torch.testing.assert_close(p.detach(), ref[n], rtol=1e-10, atol=1e-12)
+        with torch.no_grad():
+            loop.alpha.mul_(3.0)
+
+
+def test_equal_fixed_step_sizes_and_unused_parameters():
+    """One α for every tensor (the single ``_foreach_add`` path) equals plain SGD, and a
+    parameter the loss does not use keeps its value (no gradient, no step)."""
+    net = small_net()
+    net.register_parameter("unused", nn.Parameter(torch.ones(2, dtype=torch.float64)))
+    loop = InnerLoop(net, steps=3, lr=0.2)
+    x, y = data()
+    adapted = loop.adapt(lambda f: F.cross_entropy(f(x), y))
+    ref = sgd_reference(net, x, y, {n: 0.2 for n, _ in net.named_parameters()}, 3)
+    got = adapted.named_params()
+    for n in ref:
+        torch.testing.assert_close(got[n].detach(), ref[n], rtol=1e-10, atol=1e-12)
+    assert got["unused"] is net.unused
