@@ -38,7 +38,7 @@ step() {
     fi
     [ $rc = 0 ] || FAILED=1
     local why=""; [ $rc = 124 ] && why=" (timed out)"
-    echo "$name: rc=$rc$why in $(( $(date +%s) - t0 )) s (limit $limit s); last line: $(tail -n 1 "$OUT/$name.log")" \
+    echo "$name: rc=$rc$why in $(( $(date +%s) - t0 )) s (limit $limit s); last line: $(grep -v '^[[:space:]]*$' "$OUT/$name.log" | tail -n 1)" \
         | tee -a "$SUMMARY"
 }
 
