@@ -20,7 +20,7 @@ timed unit ends with a device synchronisation, and the medians are compared. Par
   ``torch.func.functional_call`` MAML written here (:class:`FuncMAML`; target ours batched <=
   0.5x of it) and learn2learn's MAML when importable.
 * ``eval``: test-time fine-tuning of 600 MAML 5-way 1-shot 15-query episodes (3x84x84,
-  Conv-4/32 as Finn et al.'s mini-ImageNet model, 10 steps; ``--quick``: 12 of 1x28x28): ``predict_batch`` over chunks of
+  Conv-4/32 as Finn et al.'s mini-ImageNet model, 10 steps; ``--quick``: 4 of 1x28x28): ``predict_batch`` over chunks of
   episodes against ``predict`` one episode at a time (target >= 10x), and the largest
   difference of their logits.
 * ``mltp``: ``benchmarks/perf/mltp.py``'s per-iteration ratios MLTP_FO and MLTP over standard
@@ -28,13 +28,16 @@ timed unit ends with a device synchronisation, and the medians are compared. Par
 * ``ops``: dispatched operators and host syncs of one FO-MAML meta-step at meta-batch 32
   (``torch.profiler``; device-independent), batched over sequential (target <= 1/8).
 
-Where the task-batching API (a learner option ``task_batching``) is not in this checkout, the
-batched sides are reported as missing with that reason, and the rest still runs.
+Every batched side is a learner built with ``task_batching="on"``, every sequential one with
+``"off"``; before timing, one call of each side (its first warm-up) runs under a spy on
+``InnerLoop.adapt_batched`` and the script stops if a batched side did not reach it or a
+sequential one did (``paths`` in the JSON). ResNet-18 needs torchvision: without it the
+``mltp`` part keeps CNet1 and says so. ``--quick`` shrinks widths, meta-batches, steps and
+repeats (CPU CI); the operator counts do not depend on widths, so they match the full plan.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -51,34 +54,27 @@ from fewshot.learners import get_learner  # noqa: E402
 PARTS = ("fomaml", "maml84", "eval", "mltp", "ops")
 FULL = {
     "fomaml": dict(channels=1, size=28, hidden=64, meta_batch=32, warmup=3, repeats=10),
-    "maml84": dict(channels=3, size=84, hidden=64, meta_batch=4, warmup=2, repeats=7),
-    "eval": dict(channels=3, size=84, hidden=32, episodes=600, chunk=100, warmup=1, repeats=2),
+    "maml84": dict(channels=3, size=84, hidden=64, meta_batch=4, steps=5, warmup=2, repeats=7),
+    "eval": dict(channels=3, size=84, hidden=32, episodes=600, chunk=100, steps=10, warmup=1, repeats=2),
     "mltp": dict(nets=("cnet1", "resnet18"), batch=128, warmup=2, repeats=5),
     "ops": dict(channels=1, size=28, hidden=64, meta_batch=32),
 }
-QUICK = {  # CPU CI: small enough for a loaded 2-core machine; the operator counts keep meta-batch 32
-    "fomaml": dict(channels=1, size=28, hidden=32, meta_batch=8, warmup=1, repeats=2),
-    "maml84": dict(channels=3, size=84, hidden=8, meta_batch=2, warmup=1, repeats=1),
-    "eval": dict(channels=1, size=28, hidden=16, episodes=12, chunk=6, warmup=1, repeats=1),
-    "mltp": dict(nets=("cnet1",), batch=16, warmup=1, repeats=2),
-    "ops": dict(channels=1, size=28, hidden=32, meta_batch=32),
+QUICK = {  # CPU CI on a loaded 2-core machine (~1 min); the operator counts keep meta-batch 32
+    "fomaml": dict(channels=1, size=28, hidden=8, meta_batch=4, warmup=2, repeats=5),
+    "maml84": dict(channels=3, size=28, hidden=4, meta_batch=2, steps=2, warmup=2, repeats=5),
+    "eval": dict(channels=1, size=28, hidden=8, episodes=4, chunk=2, steps=10, warmup=2, repeats=3),
+    "mltp": dict(nets=("cnet1",), batch=8, warmup=1, repeats=3),
+    "ops": dict(channels=1, size=28, hidden=8, meta_batch=32),
 }
 WAYS, SHOTS, QUERIES = 5, 1, 15
-NO_BATCHING = ("task batching is not in this checkout (learner option 'task_batching' missing); "
-               "re-run after it is merged")
 
 
 # ------------------------------------------------------------------ shared pieces
-def batching_available(name: str) -> bool:
-    """Whether learner ``name`` has the ``task_batching`` option (issue 11 items 1-2)."""
-    return "task_batching" in {f.name for f in dataclasses.fields(get_learner(name).Config)}
-
-
-def build(name: str, p: dict, device, batching=None, **options):
-    """Learner ``name`` (5-way, Conv-4 with ``p["hidden"]`` filters), seeded, on ``device``."""
+def build(name: str, p: dict, device, batching: str, **options):
+    """Learner ``name`` (5-way, Conv-4 with ``p["hidden"]`` filters, ``task_batching=batching``),
+    seeded, on ``device``."""
     cls = get_learner(name)
-    if batching is not None:
-        options["task_batching"] = batching
+    options["task_batching"] = batching
     torch.manual_seed(0)
     cfg = cls.Config(ways=WAYS, backbone_options={"hidden": p["hidden"]}, **options)
     return cls(cfg, in_channels=p["channels"], image_size=p["size"]).to(device)
@@ -95,10 +91,38 @@ def episodes(p: dict, n: int, device, seed: int = 1):
             for _ in range(n)]
 
 
-def timed(fns: dict, device, warmup: int, repeats: int) -> dict:
-    """Median seconds of each of ``fns`` (each call ends with a device sync), interleaved."""
+def reaches_batched(fn) -> bool:
+    """Whether one call of ``fn`` goes through ``InnerLoop.adapt_batched`` (a spy, removed after)."""
+    from fewshot.inner_loop import InnerLoop
+
+    real, calls = InnerLoop.adapt_batched, []
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    InnerLoop.adapt_batched = spy
+    try:
+        fn()
+    finally:
+        InnerLoop.adapt_batched = real
+    return bool(calls)
+
+
+def timed(fns: dict, device, warmup: int, repeats: int, out: dict, part: str) -> dict:
+    """Median seconds of each of ``fns`` (each call ends with a device sync), interleaved.
+
+    The first warm-up round checks the path of each side: a key containing "batched" (and
+    not "sequential") must reach ``adapt_batched``, every other key must not."""
     synced = {k: (lambda f=f: (f(), sync(device))) for k, f in fns.items()}
-    return {k: median(v) for k, v in interleaved_times(synced, warmup, repeats).items()}
+    for k, f in synced.items():
+        used, want = reaches_batched(f), "batched" in k and "sequential" not in k
+        out["paths"][f"{part}/{k}"] = "adapt_batched" if used else "sequential"
+        if used != want:
+            raise RuntimeError(f"gpu.py {part}/{k}: expected the {'batched' if want else 'sequential'} "
+                               f"path, got the other (check the learner's task_batching option)")
+    times = interleaved_times(synced, max(0, warmup - 1), repeats)
+    return {k: median(v) for k, v in times.items()}
 
 
 class FuncMAML:
@@ -163,93 +187,89 @@ def part_fomaml(p, device, out):
     """FO-MAML Omniglot meta-steps/s, batched vs sequential; 60,000-iteration projection."""
     eps = episodes(p, p["meta_batch"], device)
     opts = dict(inner_steps=1, inner_lr=0.4, lr=1e-3)
-    fns = {"sequential": build("fomaml", p, device, "off" if batching_available("fomaml") else None,
-                               **opts).train_step}
-    if batching_available("fomaml"):
-        fns["batched"] = build("fomaml", p, device, "on", **opts).train_step
-    else:
-        out["notes"].append(f"fomaml: {NO_BATCHING}")
-    t = timed({k: (lambda f=f: f(eps)) for k, f in fns.items()}, device, p["warmup"], p["repeats"])
+    fns = {k: build("fomaml", p, device, b, **opts).train_step for k, b in (("sequential", "off"),
+                                                                          ("batched", "on"))}
+    t = timed({k: (lambda f=f: f(eps)) for k, f in fns.items()}, device, p["warmup"], p["repeats"],
+              out, "fomaml")
     for k, s in t.items():
         out["metrics"][f"fomaml_omniglot/{k}/meta_steps_per_s"] = round(1 / s, 3)
         out["metrics"][f"fomaml_omniglot/{k}/tasks_per_s"] = round(p["meta_batch"] / s, 1)
         out["metrics"][f"fomaml_omniglot/{k}/hours_for_60000_iterations"] = round(60000 * s / 3600, 3)
         out["rows"].append((f"FO-MAML Omniglot meta-step, mb {p['meta_batch']} ({k})",
                             f"{s * 1e3:.1f} ms", f"60,000 iterations: {60000 * s / 3600:.2f} h"))
-    if "batched" in t:
-        r = t["sequential"] / t["batched"]
-        out["ratios"]["fomaml_omniglot_batched_speedup_over_sequential"] = round(r, 3)
-        out["rows"].append(("FO-MAML throughput batched / sequential", f"{r:.2f}x", "target >= 10x (GPU)"))
+    r = t["sequential"] / t["batched"]
+    out["ratios"]["fomaml_omniglot_batched_speedup_over_sequential"] = round(r, 3)
+    out["rows"].append(("FO-MAML throughput batched / sequential", f"{r:.2f}x", "target >= 10x (GPU)"))
 
 
 def part_maml84(p, device, out):
     """Second-order MAML step at 84x84: ours (batched, sequential) vs torch.func and l2l peers."""
     eps = episodes(p, p["meta_batch"], device)
-    opts = dict(inner_steps=5, inner_lr=0.01, lr=1e-3)
-    has = batching_available("maml")
-    seq = build("maml", p, device, "off" if has else None, **opts)
-    fns = {"ours_sequential": lambda: seq.train_step(eps)}
-    if has:
-        bat = build("maml", p, device, "on", **opts)
-        fns["ours_batched"] = lambda: bat.train_step(eps)
-    else:
-        out["notes"].append(f"maml84: {NO_BATCHING}")
-    peer = FuncMAML(copy.deepcopy(seq.net), 0.01, 5, first_order=False)
+    n = p["steps"]
+    opts = dict(inner_steps=n, inner_lr=0.01, lr=1e-3)
+    seq, bat = build("maml", p, device, "off", **opts), build("maml", p, device, "on", **opts)
+    fns = {"ours_sequential": lambda: seq.train_step(eps), "ours_batched": lambda: bat.train_step(eps)}
+    peer = FuncMAML(copy.deepcopy(seq.net), 0.01, n, first_order=False)
     fns["torch_func_sequential"] = lambda: peer.step(eps)
-    l2l = l2l_step(seq.net, 0.01, 5, first_order=False)
+    l2l = l2l_step(seq.net, 0.01, n, first_order=False)
     if l2l is not None:
         fns["learn2learn"] = lambda: l2l(eps)
     else:
         out["notes"].append("maml84: learn2learn not importable; its peer is left out")
-    t = timed(fns, device, p["warmup"], p["repeats"])
+    t = timed(fns, device, p["warmup"], p["repeats"], out, "maml84")
+    what = f"2nd-order MAML step {p['size']}x{p['size']}, {n} steps, mb {p['meta_batch']}"
     for k, s in t.items():
         out["metrics"][f"maml84_second_order/{k}/step_ms"] = round(s * 1e3, 2)
-        out["rows"].append((f"2nd-order MAML step 84x84 mb {p['meta_batch']} ({k})", f"{s * 1e3:.1f} ms", ""))
+        out["rows"].append((f"{what} ({k})", f"{s * 1e3:.1f} ms", ""))
     ref = t["torch_func_sequential"]
     for k in ("ours_batched", "ours_sequential", "learn2learn"):
         if k in t:
             out["ratios"][f"maml84_{k}_over_torch_func"] = round(t[k] / ref, 3)
-    if "ours_batched" in t:
-        out["rows"].append(("2nd-order MAML ours batched / torch.func", f"{t['ours_batched'] / ref:.2f}x",
-                            "target <= 0.5x"))
+    out["rows"].append(("2nd-order MAML ours batched / torch.func", f"{t['ours_batched'] / ref:.2f}x",
+                        "target <= 0.5x"))
 
 
 def part_eval(p, device, out):
     """600 MAML episodes fine-tuned 10 steps: predict_batch in chunks vs predict one by one."""
     eps = episodes(p, p["episodes"], device, seed=3)
-    has = batching_available("maml")
-    seq = build("maml", p, device, "off" if has else None, eval_steps=10, inner_lr=0.01)
+    seq = build("maml", p, device, "off", eval_steps=p["steps"], inner_lr=0.01)
+    bat = build("maml", p, device, "on", eval_steps=p["steps"], inner_lr=0.01)
     seq.eval()
+    bat.eval()
+    c = p["chunk"]
+
+    last = {}  # each side's latest logits (compared after timing, no extra pass)
 
     def sequential():
-        return torch.stack([seq.predict(e) for e in eps])
+        last["sequential"] = torch.stack([seq.predict(e) for e in eps])
 
-    fns = {"sequential": sequential}
-    if has and hasattr(seq, "predict_batch"):
-        bat = build("maml", p, device, "on", eval_steps=10, inner_lr=0.01)
-        bat.eval()
-        c = p["chunk"]
-        fns["batched"] = lambda: torch.cat([bat.predict_batch(eps[i:i + c]) for i in range(0, len(eps), c)])
-    else:
-        out["notes"].append(f"eval: {NO_BATCHING}")
-    t = timed(fns, device, p["warmup"], p["repeats"])
+    def batched():
+        last["batched"] = torch.cat([bat.predict_batch(eps[i:i + c]) for i in range(0, len(eps), c)])
+
+    fns = {"sequential": sequential, "batched": batched}
+    t = timed(fns, device, p["warmup"], p["repeats"], out, "eval")
     for k, s in t.items():
         out["metrics"][f"eval_maml_{p['episodes']}_episodes/{k}/seconds"] = round(s, 3)
-        out["rows"].append((f"evaluate {p['episodes']} MAML episodes, 10 steps ({k})", f"{s:.2f} s", ""))
-    if "batched" in t:
-        diff = float((fns["batched"]() - sequential()).abs().max())
-        out["metrics"]["eval_maml_batched_max_abs_logit_difference"] = diff
-        r = t["sequential"] / t["batched"]
-        out["ratios"]["eval_maml_batched_speedup_over_sequential"] = round(r, 3)
-        out["rows"].append(("evaluation batched / sequential", f"{r:.2f}x",
-                            f"target >= 10x; max |logit diff| {diff:.1e}"))
+        out["rows"].append((f"evaluate {p['episodes']} MAML episodes, {p['steps']} steps ({k})",
+                            f"{s:.2f} s", ""))
+    diff = float((last["batched"] - last["sequential"]).abs().max())
+    out["metrics"]["eval_maml_batched_max_abs_logit_difference"] = diff
+    r = t["sequential"] / t["batched"]
+    out["ratios"]["eval_maml_batched_speedup_over_sequential"] = round(r, 3)
+    out["rows"].append(("evaluation batched / sequential", f"{r:.2f}x",
+                        f"target >= 10x; max |logit diff| {diff:.1e}"))
 
 
 def part_mltp(p, device, out):
     """MLTP_FO and MLTP per iteration over standard training (mltp.py's measurement)."""
+    import importlib.util
+
     import mltp as M
 
     for net in p["nets"]:
+        if net.startswith("resnet") and importlib.util.find_spec("torchvision") is None:
+            out["notes"].append(f"mltp: {net} needs torchvision, which is not importable; left out")
+            continue
         res = M.measure(["standard", "mltp_fo", "mltp"], net, p["batch"], p["warmup"], p["repeats"], device)
         std = res["standard"][0]
         for name, (sec, _) in res.items():
@@ -267,23 +287,19 @@ def part_ops(p, device, out):
     from _profile import count_ops
 
     eps = episodes(p, p["meta_batch"], device)
-    has = batching_available("fomaml")
-    sides = {"sequential": "off" if has else None}
-    if has:
-        sides["batched"] = "on"
-    else:
-        out["notes"].append(f"ops: {NO_BATCHING}")
     counts = {}
-    for k, b in sides.items():
+    for k, b in (("sequential", "off"), ("batched", "on")):
         learner = build("fomaml", p, device, b, inner_steps=1, inner_lr=0.4)
-        counts[k] = count_ops(lambda: learner.train_step(eps))
+        if reaches_batched(lambda: learner.train_step(eps)) != (b == "on"):  # also the warm-up
+            raise RuntimeError(f"gpu.py ops/{k}: task_batching={b!r} took the other path")
+        out["paths"][f"ops/{k}"] = "adapt_batched" if b == "on" else "sequential"
+        counts[k] = count_ops(lambda: learner.train_step(eps), warmup=0)
         out["metrics"][f"fomaml_mb{p['meta_batch']}_ops/{k}"] = counts[k]
         out["rows"].append((f"FO-MAML meta-step mb {p['meta_batch']}: operators ({k})",
                             str(counts[k]["ops"]), f"host syncs {counts[k]['syncs']}"))
-    if "batched" in counts:
-        r = counts["batched"]["ops"] / counts["sequential"]["ops"]
-        out["ratios"]["fomaml_ops_batched_over_sequential"] = round(r, 4)
-        out["rows"].append(("operators batched / sequential", f"{r:.3f}", "target <= 0.125"))
+    r = counts["batched"]["ops"] / counts["sequential"]["ops"]
+    out["ratios"]["fomaml_ops_batched_over_sequential"] = round(r, 4)
+    out["rows"].append(("operators batched / sequential", f"{r:.3f}", "target <= 0.125"))
 
 
 # ------------------------------------------------------------------ main
@@ -313,7 +329,7 @@ def main(argv=None) -> int:
     stem = "gpu" if device.type == "cuda" else ("gpu_cpu_quick" if args.quick else "gpu_cpu")
     js = args.json or REPO / "benchmarks" / "results" / f"{stem}.json"
     md = args.md or js.with_suffix(".md")
-    out = {"metrics": {}, "ratios": {}, "rows": [], "notes": []}
+    out = {"metrics": {}, "ratios": {}, "rows": [], "notes": [], "paths": {}}
     t0 = time.perf_counter()
     for part in [s.strip() for s in args.parts.split(",") if s.strip()]:
         if part not in PARTS:
@@ -330,7 +346,7 @@ def main(argv=None) -> int:
     text = markdown(title, out["rows"], out["notes"])
     print(text)
     write_json(js, "gpu", machine=mach, command=command("gpu.py", argv), metrics=out["metrics"],
-               ratios=out["ratios"], device=str(device), label=label, notes=out["notes"],
+               ratios=out["ratios"], device=str(device), label=label, notes=out["notes"], paths=out["paths"],
                plan={k: dict(v) for k, v in plan.items()})
     write_text(md, text)
     return 0

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision import models
 
 from fewshot.nn.registry import FeatureExtractor, boolean, conv_output, image_hw, register_backbone
 
 __all__ = ["TorchvisionResNet"]
 
-_DEPTHS = {18: models.resnet18, 34: models.resnet34}
+_DEPTHS = {18: "resnet18", 34: "resnet34"}  # torchvision.models builders, imported on first use
 
 
 class TorchvisionResNet(FeatureExtractor):
@@ -43,7 +42,9 @@ class TorchvisionResNet(FeatureExtractor):
         flatten = boolean(flatten, "flatten", where)
         zero_init_residual = boolean(zero_init_residual, "zero_init_residual", where)
         self.in_shape = (int(in_channels), h, w)
-        net = _DEPTHS[depth](weights=None, zero_init_residual=zero_init_residual)
+        from torchvision import models  # only here: the rest of fewshot imports without torchvision
+
+        net = getattr(models, _DEPTHS[depth])(weights=None, zero_init_residual=zero_init_residual)
         if in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
             nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")

@@ -156,15 +156,38 @@ BATCHING = [n for n in BUILTIN
             if "task_batching" in {f.name for f in dataclasses.fields(get_learner(n).Config)}]
 
 
+FINETUNE_ONLY = {"transfer"}  # trains as plain supervised learning; only its fine-tuning batches
+
+
+@pytest.fixture
+def batched_calls(monkeypatch):
+    """Counts calls of ``InnerLoop.adapt_batched`` (the one batched path of every learner)."""
+    from fewshot.inner_loop import InnerLoop
+
+    calls, real = [], InnerLoop.adapt_batched
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(InnerLoop, "adapt_batched", spy)
+    return calls
+
+
 @pytest.mark.parametrize("name", BATCHING or ["maml"])
-def test_batched_tasks_match_sequential_on_cuda(name):
-    """task_batching='on' against 'off' on the device: the same loss, the same logits."""
+def test_batched_tasks_match_sequential_on_cuda(name, batched_calls):
+    """task_batching='on' against 'off' on the device: the same loss, the same logits; the
+    'off' learner never reaches ``adapt_batched``, the 'on' learner does."""
     if not BATCHING:
         pytest.skip("no learner has the 'task_batching' option in this checkout (issue 11 item 1)")
     seq, bat = build(name, TWIN, task_batching="off"), build(name, TWIN, task_batching="on")
     batch = to(make_batch(seq.input_kind), TWIN)
-    close(outputs(bat, batch), outputs(seq, batch), 1e-4, f"{name} logits before training")
-    m_seq, m_bat = seq.train_step(batch), bat.train_step(batch)
+    ref = outputs(seq, batch)
+    m_seq = seq.train_step(batch)
+    assert not batched_calls, f"{name}: task_batching='off' reached adapt_batched"
+    close(outputs(bat, batch), ref, 1e-4, f"{name} logits before training")
+    m_bat = bat.train_step(batch)
+    assert batched_calls or name in FINETUNE_ONLY, f"{name}: task_batching='on' trained sequentially"
     close(m_bat["loss"].detach().float().cpu(), m_seq["loss"].detach().float().cpu(), 1e-4,
           f"{name} training loss")
     close(outputs(bat, batch), outputs(seq, batch), 1e-2, f"{name} logits after one step")
@@ -173,3 +196,4 @@ def test_batched_tasks_match_sequential_on_cuda(name):
         bat.eval()
         close(bat.predict_batch(eps).float().cpu(), outputs(seq, batch), 1e-4,
               f"{name} predict_batch against predict")
+    assert batched_calls, f"{name}: task_batching='on' never reached adapt_batched"
