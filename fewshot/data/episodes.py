@@ -47,6 +47,9 @@ class Episode:
             (kept on the host by :meth:`to`).
         base_support_y / base_query_y: optional (S,) / (Q,) labels in the store's own class
             ids (used by MTL's transfer head and the transfer baseline).
+        checked: the labels were checked on the host when the episode was made (labels in
+            ``0..ways-1``, at least one support example per class; the samplers do this before
+            the copy to the device), so learners need not read them again.
     """
 
     support_x: Tensor
@@ -56,6 +59,7 @@ class Episode:
     classes: Tensor
     base_support_y: Optional[Tensor] = None
     base_query_y: Optional[Tensor] = None
+    checked: bool = False
 
     @property
     def ways(self) -> int:
@@ -85,6 +89,20 @@ class Episode:
             v = getattr(self, f.name)
             pinned[f.name] = v.pin_memory() if isinstance(v, Tensor) else v
         return replace(self, **pinned)
+
+
+def _check_plan_labels(plan: "EpisodePlan") -> None:
+    """The label checks every learner needs, on the host before the copy (numpy, no tensor
+    ops): labels in 0..ways-1 and at least one support example per class."""
+    ways = int(plan.classes.numel())
+    ys, yq = plan.support_y.numpy(), plan.query_y.numpy()
+    for part, y in (("support", ys), ("query", yq)):
+        if y.size and (y.min() < 0 or y.max() >= ways):
+            raise DataError(f"sampler made {part} labels {y.min()}..{y.max()} for a {ways}-way "
+                            f"episode (a bug in the sampler: please report it)")
+    if ways and not np.bincount(ys, minlength=ways).all():
+        raise DataError(f"sampler made a {ways}-way episode with a class without support "
+                        f"examples (a bug in the sampler: please report it)")
 
 
 # ---------------------------------------------------------------------------- samplers
@@ -341,7 +359,8 @@ class _Sampler(abc.ABC):
         s = plan.support_rows.numel()
         sx, qx = x[:s], x[s:]
         base = plan.classes.numpy()  # store ids of the episode labels (numpy: cheap)
-        ep = Episode(support_x=sx, support_y=plan.support_y, query_x=qx, query_y=plan.query_y,
+        _check_plan_labels(plan)
+        ep = Episode(support_x=sx, support_y=plan.support_y, query_x=qx, query_y=plan.query_y, checked=True,
                      classes=plan.classes,
                      base_support_y=torch.from_numpy(base[plan.support_y.numpy()]),
                      base_query_y=torch.from_numpy(base[plan.query_y.numpy()]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -107,9 +108,11 @@ def check_episode(learner: Learner, ep, ways: int | None = None) -> None:
     if ways is not None and ep.ways != ways:
         raise ConfigError(f"learner '{learner.name}' was configured with ways={ways} but the "
                           f"episode is {ep.ways}-way; set the learner option 'ways' to {ep.ways}")
-    # shots per class from host labels only (on a device it would be a sync every step)
-    on_host = ep.support_y.device.type == "cpu"
-    if ep.support_y.numel() == 0 or (on_host and bool((ep.shots == 0).any())):
+    # shots per class from host labels only (on a device it would be a sync every step), and
+    # not again for a sampler's episode (it checked them before the copy)
+    shots = (np.bincount(ep.support_y.numpy(), minlength=ep.ways)
+             if ep.support_y.device.type == "cpu" and not getattr(ep, "checked", False) else None)
+    if ep.support_y.numel() == 0 or (shots is not None and not shots.all()):
         raise ConfigError(f"episode has a class without support examples (shots per class "
                           f"{ep.shots.tolist()}); every class needs at least one")
 

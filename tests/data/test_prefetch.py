@@ -3,6 +3,7 @@ state although one batch was drawn ahead, producer errors surfacing at the batch
 to, and (on CUDA) side-stream copies that the consumer sees complete."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -123,3 +124,31 @@ def test_cuda_side_stream_batches_equal_synchronous_ones():
             for a, b in zip(want, got):
                 assert torch.equal(a.support_x, b.support_x)
                 assert torch.equal(a.query_y, b.query_y)
+
+
+def test_sampler_episodes_are_checked_on_the_host_and_learners_trust_them():
+    """Labels are checked once, on the host, when the sampler makes the episode (before any
+    copy); learners skip re-reading them, so a step needs no label read on the device."""
+    from fewshot.data.episodes import EpisodePlan, _check_plan_labels
+    from fewshot.errors import ConfigError, DataError
+    from fewshot.learners import get_learner
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(4), 4)
+    store = ImageStore.from_arrays(rng.integers(0, 256, (16, 16, 16, 1), dtype=np.uint8), labels,
+                                   [f"c{k}" for k in range(4)], dataset="t", split="train")
+    ep = EpisodeSampler(store, ways=3, shots=1, queries=2, seed=0).sample()
+    assert ep.checked and ep.to("cpu").checked
+    cls = get_learner("protonet")
+    learner = cls(cls.Config(backbone_options={"hidden": 4}), in_channels=1, image_size=16)
+    bad_y = torch.tensor([0, 1, 7])
+    learner.check_episode(dataclasses.replace(ep, support_y=bad_y))  # trusted: not re-read
+    with pytest.raises(ConfigError, match=r"labels must lie in 0..2, found 0..7"):
+        learner.check_episode(dataclasses.replace(ep, support_y=bad_y, checked=False))
+    plan = EpisodePlan(support_rows=torch.arange(3), support_y=bad_y, query_rows=torch.arange(3),
+                       query_y=torch.tensor([0, 1, 2]), classes=torch.arange(3))
+    with pytest.raises(DataError, match="support labels 0..7 for a 3-way episode"):
+        _check_plan_labels(plan)
+    no_shot = dataclasses.replace(plan, support_y=torch.tensor([0, 0, 1]))
+    with pytest.raises(DataError, match="class without support examples"):
+        _check_plan_labels(no_shot)
