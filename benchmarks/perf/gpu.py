@@ -81,13 +81,16 @@ def build(name: str, p: dict, device, batching: str, **options):
 
 
 def episodes(p: dict, n: int, device, seed: int = 1):
-    """``n`` 5-way 1-shot 15-query episodes of random images, on ``device``."""
+    """``n`` 5-way 1-shot 15-query episodes of random images, on ``device``; marked
+    ``checked`` as a sampler marks the episodes it made (labels checked on the host before the
+    copy), so the learner's step does what it does in ``fewshot train``."""
     g = torch.Generator().manual_seed(seed)
     c, s = p["channels"], p["size"]
     sy = torch.arange(WAYS).repeat_interleave(SHOTS)
     qy = torch.arange(WAYS).repeat_interleave(QUERIES)
     return [Episode(torch.randn(len(sy), c, s, s, generator=g), sy,
-                    torch.randn(len(qy), c, s, s, generator=g), qy, torch.arange(WAYS)).to(device)
+                    torch.randn(len(qy), c, s, s, generator=g), qy, torch.arange(WAYS),
+                    checked=True).to(device)
             for _ in range(n)]
 
 

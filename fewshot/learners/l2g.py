@@ -41,7 +41,7 @@ from fewshot.inner_loop import BN_POLICIES, InnerLoop, batched_oom_guard
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
 from fewshot.learners.common import (check_episode, check_lr_halve_every, class_sums, eval_mode,
                                      halve_lr_every, positive_float, positive_int, prototypes,
-                                     squared_euclidean_logits)
+                                     squared_euclidean_logits, meta_adam)
 from fewshot.learners.batching import batches_tasks, check_task_batching, stack
 from fewshot.learners.registry import register_learner
 
@@ -198,7 +198,7 @@ class _BilevelMetric(Learner):
                                learn_lr=cfg.learn_inner_lr, lr_per="layer",
                                first_order=cfg.first_order, bn=cfg.bn)
         params = list(self.scorer.parameters()) + list(self.inner.parameters())
-        self.optimizers["meta"] = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+        self.optimizers["meta"] = meta_adam(params, cfg.lr, weight_decay=cfg.weight_decay)
         halve_lr_every(self, cfg.lr_halve_every)
 
     # the base learner X -------------------------------------------------------------------

@@ -35,7 +35,8 @@ from torch import Tensor
 from fewshot.inner_loop import ADAPT_PRESETS, BN_POLICIES, InnerLoop
 from fewshot.learners.base import Learner, LearnerConfig, require
 from fewshot.learners.common import (HeadNet, boolean, check_batch, check_episode, choice,
-                                     eval_mode, mean_episode_update, positive_float, positive_int)
+                                     eval_mode, mean_episode_update, meta_adam, positive_float,
+                                     positive_int)
 from fewshot.learners.batching import (batched_episode_update, batches_tasks, check_task_batching,
                                        stack, support_loss)
 from fewshot.learners.registry import register_learner
@@ -112,7 +113,7 @@ class MAML(Learner):
                               learn_lr=c.learn_inner_lr, lr_per=c.lr_per, adapt=c.adapt,
                               first_order=c.first_order, bn=c.bn)
         params = list(self.net.parameters()) + list(self.loop.parameters())
-        self.optimizers["meta"] = torch.optim.Adam(params, lr=c.lr, foreach=True)
+        self.optimizers["meta"] = meta_adam(params, c.lr)
 
     def _support_loss(self, episode):
         def loss_fn(net):

@@ -28,7 +28,7 @@ from torch import Tensor
 from fewshot.learners.base import Learner, LearnerConfig
 from fewshot.learners.common import (check_batch, check_episode, check_lr_halve_every,
                                      eval_mode, halve_lr_every, mean_episode_update, prototypes,
-                                     squared_euclidean_logits)
+                                     squared_euclidean_logits, meta_adam)
 from fewshot.learners.registry import register_learner
 
 __all__ = ["ProtoNet", "prototypes", "squared_euclidean_logits"]
@@ -66,7 +66,7 @@ class ProtoNet(Learner):
                          num_classes=num_classes, backbone=backbone)
         #: the embedding f_φ, (B, C, H, W) -> (B, D)
         self.encoder = self.make_backbone()
-        self.optimizers["meta"] = torch.optim.Adam(self.encoder.parameters(), lr=self.config.lr, foreach=True)
+        self.optimizers["meta"] = meta_adam(self.encoder.parameters(), self.config.lr)
         halve_lr_every(self, self.config.lr_halve_every)
 
     def episode_logits(self, episode) -> Tensor:

@@ -36,7 +36,7 @@ from torch import Tensor
 from fewshot.errors import ConfigError
 from fewshot.learners.base import Learner, LearnerConfig
 from fewshot.learners.common import (check_batch, check_episode, class_sums, halve_lr_every, mean_episode_update,
-                                     eval_mode, positive_float, positive_int)
+                                     eval_mode, positive_float, positive_int, meta_adam)
 from fewshot.learners.registry import register_learner
 
 __all__ = ["RelationNet"]
@@ -93,7 +93,7 @@ class RelationNet(Learner):
                               "(flatten=False) and exposes out_shape = (C, h, w)")
         #: d_φ: concatenated pairs (P, 2C, h, w) -> scores (P,)
         self.relation = RelationModule.for_backbone(self.encoder, hidden=c.relation_hidden)
-        self.optimizers["meta"] = torch.optim.Adam(self.parameters(), lr=c.lr, foreach=True)
+        self.optimizers["meta"] = meta_adam(self.parameters(), c.lr)
         halve_lr_every(self, c.lr_halve_every)
 
     def episode_scores(self, episode) -> Tensor:

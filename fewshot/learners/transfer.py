@@ -36,7 +36,7 @@ from fewshot.errors import ConfigError
 from fewshot.inner_loop import InnerLoop
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, host_label_span
 from fewshot.learners.common import (HeadNet, boolean, check_batch, check_episode, eval_mode,
-                                     positive_float, positive_int)
+                                     positive_float, positive_int, meta_adam)
 from fewshot.learners.batching import check_task_batching, stack, support_loss
 from fewshot.learners.registry import register_learner
 
@@ -89,7 +89,7 @@ class Transfer(Learner):
                               f"(base) classes (>= 2), got {num_classes!r}")
         #: body + head over all base classes
         self.net = HeadNet(self.make_backbone(), num_classes)
-        self.optimizers["meta"] = torch.optim.Adam(self.net.parameters(), lr=self.config.lr, foreach=True)
+        self.optimizers["meta"] = meta_adam(self.net.parameters(), self.config.lr)
 
     def _examples(self, episodes):
         xs, ys = [], []
