@@ -169,20 +169,10 @@ def l2l_step(net, inner_lr: float, steps: int, first_order: bool):
             import learn2learn as l2l
     except Exception:  # noqa: BLE001 - optional peer
         return None
-    meta = l2l.algorithms.MAML(copy.deepcopy(net), lr=inner_lr, first_order=first_order)
-    opt = torch.optim.Adam(meta.parameters(), lr=1e-3)
+    from _peers import learn2learn_maml_step
 
-    def step(eps):
-        meta.train()
-        opt.zero_grad(set_to_none=True)
-        for ep in eps:
-            fast = meta.clone()
-            for _ in range(steps):
-                fast.adapt(F.cross_entropy(fast(ep.support_x), ep.support_y))
-            (F.cross_entropy(fast(ep.query_x), ep.query_y) / len(eps)).backward()
-        opt.step()
-
-    return step
+    return learn2learn_maml_step(l2l, net, inner_lr=inner_lr, outer_lr=1e-3,
+                                 first_order=first_order, steps=steps)
 
 
 # ------------------------------------------------------------------ parts

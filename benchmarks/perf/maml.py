@@ -36,7 +36,6 @@ repeats; memory only at 5 inner steps.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import resource
@@ -70,7 +69,6 @@ def peak_rss_mib() -> float:
 def setup(p, first_order: bool, steps: int, seed: int = 0):
     """(our learner, l2l step function, episodes) with identical initial weights."""
     import torch
-    import torch.nn.functional as F
 
     from fewshot.data.episodes import Episode
     from fewshot.learners import get_learner
@@ -94,20 +92,10 @@ def setup(p, first_order: bool, steps: int, seed: int = 0):
     def l2l_step_factory():
         import learn2learn as l2l
 
-        meta = l2l.algorithms.MAML(copy.deepcopy(ours.net), lr=INNER_LR, first_order=first_order)
-        opt = torch.optim.Adam(meta.parameters(), lr=OUTER_LR)
+        from _peers import learn2learn_maml_step
 
-        def step(eps):
-            meta.train()
-            opt.zero_grad(set_to_none=True)
-            for ep in eps:
-                fast = meta.clone()
-                for _ in range(steps):
-                    fast.adapt(F.cross_entropy(fast(ep.support_x), ep.support_y))
-                (F.cross_entropy(fast(ep.query_x), ep.query_y) / len(eps)).backward()
-            opt.step()
-
-        return step
+        return learn2learn_maml_step(l2l, ours.net, inner_lr=INNER_LR, outer_lr=OUTER_LR,
+                                     first_order=first_order, steps=steps)
 
     return ours, l2l_step_factory, episodes
 

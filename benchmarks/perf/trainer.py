@@ -115,6 +115,7 @@ def main(argv=None):
     ap.add_argument("--root", type=Path, default=None, help="data root for the glyph stores "
                     "(default: a folder under the system temp dir, reused)")
     ap.add_argument("--window", type=int, default=5, help="steps per rate window")
+    ap.add_argument("--only", default=None, help="comma-separated workload names (e.g. 60w1s_28)")
     args = ap.parse_args(argv)
     import torch
 
@@ -122,7 +123,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     root = args.root or Path(tempfile.gettempdir()) / "fewshot-bench-data"
     metrics, ratios = {}, {}
-    for w in (QUICK if args.quick else FULL):
+    plan = QUICK if args.quick else FULL
+    if args.only:
+        plan = [w for w in plan if w["name"] in args.only.split(",")]
+    for w in plan:
         dataset = ensure_stores(root, w["size"])
         ours_r, plain_r = [], []
         for _ in range(w["rounds"]):

@@ -186,7 +186,8 @@ def test_sigint_writes_checkpoint_exits_130_and_resumes(glyphs_root, tmp_path, w
     _assert_same_state(_weights(run)[1], _weights(tmp_path / "ref")[1])
 
 
-def test_nonfinite_loss_stops_with_step_and_last_metrics(glyphs_root, tmp_path, monkeypatch, capsys, write_config):
+def _poison_protonet_from_step(step: int, monkeypatch) -> None:
+    """ProtoNet's reported loss turns NaN from training step ``step`` on."""
     from fewshot.learners import get_learner
 
     cls = get_learner("protonet")
@@ -194,11 +195,15 @@ def test_nonfinite_loss_stops_with_step_and_last_metrics(glyphs_root, tmp_path, 
 
     def poisoned(self, batch):
         out = real(self, batch)
-        if self.steps_done >= 4:
+        if self.steps_done >= step:
             out = dict(out, loss=out["loss"] * float("nan"))
         return out
 
     monkeypatch.setattr(cls, "train_step", poisoned)
+
+
+def test_nonfinite_loss_stops_with_step_and_last_metrics(glyphs_root, tmp_path, monkeypatch, capsys, write_config):
+    _poison_protonet_from_step(4, monkeypatch)
     cfg = write_config(tmp_path / "c.toml", glyphs_root, episodes=10)
     assert main(["train", str(cfg), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
@@ -210,18 +215,8 @@ def test_deferred_nonfinite_check_names_the_first_bad_step(glyphs_root, tmp_path
     """As on a GPU: no per-step check; the device-side record of the first non-finite step is
     read at the log window (step 6), and no checkpoint is written from the poisoned weights."""
     from fewshot import trainer
-    from fewshot.learners import get_learner
 
-    cls = get_learner("protonet")
-    real = cls.train_step
-
-    def poisoned(self, batch):
-        out = real(self, batch)
-        if self.steps_done >= 4:
-            out = dict(out, loss=out["loss"] * float("nan"))
-        return out
-
-    monkeypatch.setattr(cls, "train_step", poisoned)
+    _poison_protonet_from_step(4, monkeypatch)
     monkeypatch.setattr(trainer, "_loss_checked_at_once", lambda device: False)
     cfg = write_config(tmp_path / "c.toml", glyphs_root, episodes=10, log_every=3, checkpoint_every=5,
                        val_every=0)
