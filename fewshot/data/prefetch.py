@@ -62,6 +62,8 @@ class BatchFeed:
         self._state = state if state is not None else (lambda: None)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        if cuda and self.device.index is None:  # "cuda": the current device, named for the worker
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.prefetch = cuda if prefetch is None else bool(prefetch)
         self._stream = torch.cuda.Stream(self.device) if (cuda and self.prefetch) else None
         self._pool: Optional[ThreadPoolExecutor] = None

@@ -52,7 +52,8 @@ def host_label_span(y: Tensor) -> Optional[Tuple[int, int]]:
     reading them would make the host wait for the device at every step."""
     if y.device.type != "cpu" or y.numel() == 0:
         return None
-    a = (y.detach() if y.requires_grad else y).numpy()  # numpy: no dispatched tensor ops for a check on a few labels
+    # numpy: a check on a few labels dispatches no tensor operators
+    a = (y.detach() if y.requires_grad else y).numpy()
     return int(a.min()), int(a.max())
 
 

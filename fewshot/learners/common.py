@@ -256,9 +256,15 @@ def minibatch_loss(x: Tensor, y: Tensor, batches: List[Tensor], last: Dict[str, 
     return loss_fn
 
 
+def one_hot(labels: Tensor, ways: int, dtype: torch.dtype) -> Tensor:
+    """(S, ways) one-hot rows of ``labels``; unlike ``F.one_hot`` it works under
+    ``torch.func.vmap`` and never reads the labels back to check their range (a host sync)."""
+    return (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(dtype)
+
+
 def class_sums(maps: Tensor, labels: Tensor, ways: int) -> Tensor:
     """ρ_c = Σ_{x ∈ S_c} f_θ(x) (L2G eq. 9): (S, C, h, w) maps -> (ways, C, h, w)."""
-    onehot = (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(maps.dtype)  # (S, N); vmap-safe one-hot
+    onehot = one_hot(labels, ways, maps.dtype)  # (S, N)
     return (onehot.t() @ maps.reshape(maps.shape[0], -1)).reshape(ways, *maps.shape[1:])
 
 
@@ -267,7 +273,7 @@ def prototypes(embeddings: Tensor, labels: Tensor, ways: int) -> Tensor:
 
     Works for any number of shots per class (variable-shot episodes).
     """
-    onehot = (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(embeddings.dtype)  # (S, N); vmap-safe one-hot
+    onehot = one_hot(labels, ways, embeddings.dtype)  # (S, N)
     sums = onehot.t() @ embeddings  # (N, D)
     counts = onehot.sum(0).clamp_min(1).unsqueeze(1)
     return sums / counts

@@ -40,8 +40,8 @@ from fewshot.errors import ConfigError, DataError
 from fewshot.inner_loop import BN_POLICIES, InnerLoop, batched_oom_guard
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
 from fewshot.learners.common import (check_episode, check_lr_halve_every, class_sums, eval_mode,
-                                     halve_lr_every, positive_float, positive_int, prototypes,
-                                     squared_euclidean_logits, meta_adam)
+                                     halve_lr_every, meta_adam, one_hot, positive_float,
+                                     positive_int, prototypes, squared_euclidean_logits)
 from fewshot.learners.batching import batches_tasks, check_task_batching, stack
 from fewshot.learners.registry import register_learner
 
@@ -95,7 +95,7 @@ class RelationNetScorer(nn.Module):
 
     @staticmethod
     def loss(scores: Tensor, query_y: Tensor, ways: int) -> Tensor:
-        target = (query_y.unsqueeze(-1) == torch.arange(ways, device=query_y.device)).to(scores.dtype)
+        target = one_hot(query_y, ways, scores.dtype)
         return F.mse_loss(scores, target)  # (one-hot by comparison: vmap-safe, no host sync)
 
 
