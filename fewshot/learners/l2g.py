@@ -37,12 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.errors import ConfigError, DataError
-from fewshot.inner_loop import BN_POLICIES, InnerLoop, batched_oom_guard
+from fewshot.inner_loop import BN_POLICIES, TASK_BATCHING, InnerLoop, batched_oom_guard
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
-from fewshot.learners.common import (check_episode, check_lr_halve_every, class_sums, eval_mode,
-                                     halve_lr_every, meta_adam, one_hot, positive_float,
-                                     positive_int, prototypes, squared_euclidean_logits)
-from fewshot.learners.batching import batches_tasks, check_task_batching, stack
+from fewshot.learners.common import (batches_tasks, check_episode, check_lr_halve_every, choice,
+                                     class_sums, eval_mode, halve_lr_every, meta_adam, one_hot,
+                                     positive_float, positive_int, prototypes,
+                                     squared_euclidean_logits, stack)
 from fewshot.learners.registry import register_learner
 
 __all__ = ["L2GConfig", "L2GRelationConfig", "L2GProtoNet", "L2GRelationNet", "MAMLProtoNet",
@@ -167,7 +167,7 @@ class L2GConfig(LearnerConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_task_batching(self.task_batching)
+        choice(self.task_batching, "task_batching", TASK_BATCHING)
         check_lr_halve_every(self.lr_halve_every)
         require(self.inner_lr > 0, f"learner option 'inner_lr' (α of L2G eq. 3) must be > 0, "
                                    f"got {self.inner_lr}")

@@ -32,13 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fewshot.inner_loop import ADAPT_PRESETS, BN_POLICIES, InnerLoop
+from fewshot.inner_loop import ADAPT_PRESETS, BN_POLICIES, TASK_BATCHING, InnerLoop
 from fewshot.learners.base import Learner, LearnerConfig, require
-from fewshot.learners.common import (HeadNet, boolean, check_batch, check_episode, choice,
-                                     eval_mode, mean_episode_update, meta_adam, positive_float,
-                                     positive_int)
-from fewshot.learners.batching import (batched_episode_update, batches_tasks, check_task_batching,
-                                       stack, support_loss)
+from fewshot.learners.common import (HeadNet, batched_episode_update, batches_tasks, boolean,
+                                     check_batch, check_episode, choice, eval_mode,
+                                     mean_episode_update, meta_adam, positive_float, positive_int,
+                                     stack, support_loss)
 from fewshot.learners.registry import register_learner
 
 __all__ = ["MAML", "FOMAML"]
@@ -91,7 +90,7 @@ class MAML(Learner):
 
         def validate(self) -> None:
             super().validate()
-            check_task_batching(self.task_batching)
+            choice(self.task_batching, "task_batching", TASK_BATCHING)
             positive_int(self.ways, "ways", 1)
             positive_int(self.inner_steps, "inner_steps", 0)
             positive_int(self.eval_steps, "eval_steps", 0)

@@ -55,11 +55,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.errors import ConfigError, DataError
-from fewshot.inner_loop import BN_POLICIES, InnerLoop, batched_oom_guard
+from fewshot.inner_loop import BN_POLICIES, TASK_BATCHING, InnerLoop, batched_oom_guard
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, host_label_span, require
-from fewshot.learners.common import (check_batch, check_episode, eval_mode, minibatch_indices,
-                                     minibatch_loss, positive_float, positive_int)
-from fewshot.learners.batching import batched_query_loss, batches_tasks, check_task_batching, stack
+from fewshot.learners.common import (batched_query_loss, batches_tasks, check_batch, check_episode,
+                                     choice, eval_mode, minibatch_indices, minibatch_loss,
+                                     positive_float, positive_int, stack)
 from fewshot.learners.registry import register_learner
 
 __all__ = ["MTLNet", "MTLConfig", "MTLMAML", "MTLReptile", "sub_batches"]
@@ -204,7 +204,7 @@ class MTLConfig(LearnerConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_task_batching(self.task_batching)
+        choice(self.task_batching, "task_batching", TASK_BATCHING)
         require(self.mode in ("paper", "authors"), f"learner option 'mode' must be 'paper' "
                 f"(Algorithm 1 as printed) or 'authors' (the authors' code), got {self.mode!r}")
         if self.mode == "authors":

@@ -35,13 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fewshot.inner_loop import BN_POLICIES, InnerLoop
-from fewshot.inner_loop import batched_oom_guard
-from fewshot.learners.batching import batches_tasks, check_task_batching, stack
+from fewshot.inner_loop import BN_POLICIES, TASK_BATCHING, InnerLoop, batched_oom_guard
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
-from fewshot.learners.common import (HeadNet, check_batch, check_episode, choice, eval_mode,
-                                     fraction, minibatch_indices, minibatch_loss,
-                                     positive_float, positive_int)
+from fewshot.learners.common import (HeadNet, batches_tasks, check_batch, check_episode, choice,
+                                     eval_mode, fraction, minibatch_indices, minibatch_loss,
+                                     positive_float, positive_int, stack)
 from fewshot.learners.registry import register_learner
 
 __all__ = ["Reptile"]
@@ -101,7 +99,7 @@ class Reptile(Learner):
 
         def validate(self) -> None:
             super().validate()
-            check_task_batching(self.task_batching)
+            choice(self.task_batching, "task_batching", TASK_BATCHING)
             positive_int(self.ways, "ways", 1)
             positive_int(self.inner_steps, "inner_steps", 1)
             positive_int(self.eval_steps, "eval_steps", 0)

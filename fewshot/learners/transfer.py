@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.errors import ConfigError
-from fewshot.inner_loop import InnerLoop
+from fewshot.inner_loop import TASK_BATCHING, InnerLoop
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, host_label_span
-from fewshot.learners.common import (HeadNet, boolean, check_batch, check_episode, eval_mode,
-                                     positive_float, positive_int, meta_adam)
-from fewshot.learners.batching import check_task_batching, stack, support_loss
+from fewshot.learners.common import (HeadNet, boolean, check_batch, check_episode, choice,
+                                     eval_mode, meta_adam, positive_float, positive_int, stack,
+                                     support_loss)
 from fewshot.learners.registry import register_learner
 
 __all__ = ["Transfer"]
@@ -76,7 +76,7 @@ class Transfer(Learner):
 
         def validate(self) -> None:
             super().validate()
-            check_task_batching(self.task_batching)
+            choice(self.task_batching, "task_batching", TASK_BATCHING)
             positive_int(self.finetune_steps, "finetune_steps", 0)
             positive_float(self.finetune_lr, "finetune_lr")
             boolean(self.finetune_body, "finetune_body")
