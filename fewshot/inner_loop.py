@@ -41,7 +41,7 @@ import contextlib
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import higher
 import torch
@@ -325,7 +325,7 @@ class InnerLoop(nn.Module):
 
         Functional model: ``higher``'s patched model (its forward is plain Python over
         tensors and composes with vmap), BatchNorm included (each patched BatchNorm's forward
-        is redirected to :meth:`_plain_bn` for the policy below). ``torch.func.grad`` inside
+        is redirected to :meth:`_task_bn`, ``F.batch_norm`` per task under the policy below). ``torch.func.grad`` inside
         vmap is not used: with it, ``F.batch_norm``'s second derivatives under vmap were wrong
         (plain mean/var ops were needed) and its wrapping dispatched ~25% more operators;
         autograd over the vmapped forward's physical ops is exact to second order.
@@ -417,12 +417,12 @@ class InnerLoop(nn.Module):
         return out
 
     def _vforward(self, net: "_TaskNet", x: Tensor, *args, **kwargs):
-        """One task's forward inside vmap: the patched model, BatchNorm as plain ops."""
+        """One task's forward inside vmap: the patched model, BatchNorm by :meth:`_task_bn`."""
         fmodel = self._fmodel
         _, bn_pairs = self._pairs
         for k, pair in enumerate(bn_pairs):
             plan = self._bn_plan(k, pair, net.step, net._inner)
-            object.__setattr__(pair.patched, "forward", functools.partial(self._plain_bn, k, plan, net))
+            object.__setattr__(pair.patched, "forward", functools.partial(self._task_bn, k, plan, net))
         try:
             return fmodel(x, *args, params=net.params, **kwargs)
         finally:
@@ -432,7 +432,8 @@ class InnerLoop(nn.Module):
 
     def _bn_plan(self, k: int, pair: _BNPair, step: int, inner: bool) -> tuple:
         """(running (mean, var) to read or None for batch statistics, update target or None):
-        the batched twin of :meth:`_configure_bn`'s policy."""
+        the one statement of the BatchNorm policy, applied by :meth:`_configure_bn` (sequential)
+        and :meth:`_task_bn` (inside vmap)."""
         module = pair.module
         if self.bn == "per_step":
             s = min(step, self.steps)
@@ -446,7 +447,7 @@ class InnerLoop(nn.Module):
             return (module.running_mean, module.running_var), None
         return None, None
 
-    def _plain_bn(self, k: int, plan: tuple, net: "_TaskNet", x: Tensor) -> Tensor:
+    def _task_bn(self, k: int, plan: tuple, net: "_TaskNet", x: Tensor) -> Tensor:
         """BatchNorm of layer k inside vmap under the policy's ``plan``; records the batch
         mean and unbiased variance when they update running statistics."""
         running, target = plan
@@ -479,20 +480,16 @@ class InnerLoop(nn.Module):
                              "forward by forward, not task by task as the sequential loop does")
             seen.add(target)
             mean, var = stats[2 * j], stats[2 * j + 1]
-            module = self._pairs[1][target[1]].module
+            momentum = self._pairs[1][target[1]].module.momentum  # never None for per-step sets
             tasks = mean.shape[0]
-            if target[0] == "step":
-                rm, rv = getattr(self, f"bn_mean_{target[1]}")[target[2]], getattr(self, f"bn_var_{target[1]}")[target[2]]
-                f = [float(module.momentum)] * tasks
+            rm, rv, nbt = self._statistics_set(target)
+            n0 = int(nbt) if nbt is not None else 0
+            if nbt is not None:
+                nbt.add_(tasks)
+            if momentum is not None:
+                f = [float(momentum)] * tasks
             else:
-                rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
-                n0 = int(nbt) if nbt is not None else 0
-                if nbt is not None:
-                    nbt.add_(tasks)
-                if module.momentum is not None:
-                    f = [float(module.momentum)] * tasks
-                else:
-                    f = [1.0 / (n0 + i + 1) if nbt is not None else 0.0 for i in range(tasks)]
+                f = [1.0 / (n0 + i + 1) if nbt is not None else 0.0 for i in range(tasks)]
             keep, weights = 1.0, [0.0] * tasks
             for i in reversed(range(tasks)):
                 weights[i] = f[i] * keep
@@ -620,28 +617,26 @@ class InnerLoop(nn.Module):
                 twin._parameters[name] = None
 
     def _configure_bn(self, k: int, pair: _BNPair, step: int, inner: bool) -> None:
-        """Point the patched BatchNorm at the statistics the policy prescribes for this forward."""
-        module, twin = pair.module, pair.patched
-        training = module.training
-        buffers = twin._buffers
-        if self.bn == "per_step":
-            s = min(step, self.steps)
-            twin.training = training
-            buffers["running_mean"] = getattr(self, f"bn_mean_{k}")[s]
-            buffers["running_var"] = getattr(self, f"bn_var_{k}")[s]
-            buffers["num_batches_tracked"] = None
-            return
-        use_running = self.bn == "running" and (not training or not inner)
-        if use_running and module.track_running_stats:
-            twin.training = training
-            buffers["running_mean"] = module.running_mean
-            buffers["running_var"] = module.running_var
-            buffers["num_batches_tracked"] = module.num_batches_tracked
-        else:  # batch statistics, nothing read or written
-            twin.training = True
-            buffers["running_mean"] = None
-            buffers["running_var"] = None
-            buffers["num_batches_tracked"] = None
+        """Point the patched BatchNorm at the statistics the policy (:meth:`_bn_plan`)
+        prescribes for this forward: batch statistics (updating a set, or nothing), or a
+        set of running statistics read in eval mode."""
+        running, target = self._bn_plan(k, pair, step, inner)
+        if target is not None:
+            stats = self._statistics_set(target)
+        else:
+            stats = (*running, None) if running is not None else (None, None, None)
+        pair.patched.training = running is None
+        for key, value in zip(("running_mean", "running_var", "num_batches_tracked"), stats):
+            pair.patched._buffers[key] = value
+
+    def _statistics_set(self, target: tuple) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(running mean, running var, batch count or None) that a :meth:`_bn_plan` update
+        target names: per-step set s of layer k, or layer k's own running statistics."""
+        if target[0] == "step":
+            _, k, s = target
+            return getattr(self, f"bn_mean_{k}")[s], getattr(self, f"bn_var_{k}")[s], None
+        module = self._pairs[1][target[1]].module
+        return module.running_mean, module.running_var, module.num_batches_tracked
 
 
 # ------------------------------------------------------------------------- task batching
@@ -709,7 +704,7 @@ def batched_oom_guard(meta_batch: int, who: str = "learner"):
 
 class _TaskNet:
     """One task's network inside ``vmap``: ``net(x)`` runs the patched model at ``params``
-    with the batched BatchNorm of :meth:`InnerLoop._plain_bn`; ``step`` as :class:`Adapted`; ``stats`` collects the batch
+    with the batched BatchNorm of :meth:`InnerLoop._task_bn`; ``step`` as :class:`Adapted`; ``stats`` collects the batch
     statistics that update running statistics (returned out of vmap, applied in task order)."""
 
     __slots__ = ("_loop", "params", "step", "_inner", "stats", "targets")
