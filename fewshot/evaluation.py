@@ -38,6 +38,8 @@ from fewshot.data.episodes import fixed_episodes
 from fewshot.data.store import open_split
 from fewshot.data.supervised import SupervisedAdapter
 from fewshot.errors import ConfigError
+from fewshot.inner_loop import resolve_task_batching, task_shapes
+from fewshot.learners.common import episode_tensors
 from fewshot.learners.standard import topk_correct
 from fewshot.report import CellResult, GridResult, mean_ci, write_results
 from fewshot.run import Run, resolve_device
@@ -195,13 +197,11 @@ def _batching_option(learner) -> str:
 def _predict_chunk(learner, eps: List) -> List[torch.Tensor]:
     """Per-episode logits of ``eps``: one ``predict_batch`` call when the learner's
     task_batching resolves to on for these (equal-shaped) episodes, else one by one."""
-    from fewshot.inner_loop import resolve_task_batching
-
-    shapes = [tuple(tuple(t.shape) for t in (e.support_x, e.support_y, e.query_x, e.query_y,
-                                             e.classes)) for e in eps]
+    tasks = [episode_tensors(e) for e in eps]
+    shapes = task_shapes(tasks)
     option = _batching_option(learner)
     if (len(eps) < 2 or option == "off" or any(sh != shapes[0] for sh in shapes)
-            or not resolve_task_batching(option, [[] for _ in eps], learner.device,
+            or not resolve_task_batching(option, tasks, learner.device,
                                          f"learner '{getattr(learner, 'name', '?')}'")):
         return [_predict(learner, e) for e in eps]
     logits = learner.predict_batch(eps)
