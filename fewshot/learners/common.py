@@ -24,7 +24,7 @@ __all__ = ["positive_int", "positive_float", "choice", "fraction", "boolean", "c
            "halve_lr_every", "scale_lrs_at_milestones", "mean_episode_update",
            "minibatch_indices", "minibatch_loss", "class_sums", "prototypes",
            "squared_euclidean_logits", "one_hot", "meta_adam", "batches_tasks", "stack",
-           "episode_tensors", "batched_query_loss", "support_loss", "batched_episode_update"]
+           "all_examples", "stacked_examples", "episode_tensors", "batched_query_loss", "support_loss", "batched_episode_update"]
 
 
 # ------------------------------------------------------------------ option checks
@@ -309,6 +309,19 @@ def batches_tasks(learner, items: Sequence) -> bool:
     return resolve_task_batching(learner.config.task_batching,
                                  [episode_tensors(it) for it in items], learner.device,
                                  f"learner '{learner.name}'")
+
+
+def all_examples(episode) -> Tuple[Tensor, Tensor]:
+    """(x, y): an episode's support then query examples as one set (the data a Reptile-type
+    inner loop fine-tunes on)."""
+    return (torch.cat([episode.support_x, episode.query_x]),
+            torch.cat([episode.support_y, episode.query_y]))
+
+
+def stacked_examples(episodes: Sequence) -> Tuple[Tensor, Tensor]:
+    """:func:`all_examples` of T equal-shaped episodes, stacked: (T, S+Q, ...), (T, S+Q)."""
+    xs, ys = zip(*(all_examples(ep) for ep in episodes))
+    return torch.stack(xs), torch.stack(ys)
 
 
 def stack(episodes: Sequence, name: str) -> Tensor:

@@ -57,9 +57,10 @@ from torch import Tensor, nn
 from fewshot.errors import ConfigError, DataError
 from fewshot.inner_loop import BN_POLICIES, TASK_BATCHING, InnerLoop, batched_oom_guard
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, host_label_span, require
-from fewshot.learners.common import (batched_query_loss, batches_tasks, check_batch, check_episode,
-                                     choice, eval_mode, minibatch_indices, minibatch_loss,
-                                     positive_float, positive_int, stack)
+from fewshot.learners.common import (all_examples, batched_query_loss, batches_tasks,
+                                     check_batch, check_episode, choice, eval_mode,
+                                     minibatch_indices, minibatch_loss, positive_float,
+                                     positive_int, stack, stacked_examples)
 from fewshot.learners.registry import register_learner
 
 __all__ = ["MTLNet", "MTLConfig", "MTLMAML", "MTLReptile", "sub_batches"]
@@ -363,8 +364,7 @@ class _MTL(Learner):
             theta = list(self.net.parameters())
             total = [torch.zeros_like(p) for p in theta]
             for ep in episodes:
-                x = torch.cat([ep.support_x, ep.query_x])
-                y = torch.cat([ep.support_y, ep.query_y])
+                x, y = all_examples(ep)
                 adapted, last = self._adapt(x, y, differentiable=False)
                 for acc_, new, old in zip(total, adapted.params, theta):
                     acc_.add_(new.detach() - old.detach())
@@ -388,8 +388,7 @@ class _MTL(Learner):
         if maml:
             x, y = stack(episodes, "support_x"), stack(episodes, "support_y")
         else:
-            x = torch.stack([torch.cat([ep.support_x, ep.query_x]) for ep in episodes])
-            y = torch.stack([torch.cat([ep.support_y, ep.query_y]) for ep in episodes])
+            x, y = stacked_examples(episodes)
         draws = [sub_batches(x.shape[1], self.config.inner_steps, self.config.inner_batch, self._rng)
                  for _ in episodes]
         rows = [torch.stack([d[t] for d in draws]).to(x.device) for t in range(len(draws[0]))]
@@ -475,8 +474,7 @@ class _MTL(Learner):
         """One task of the authors' update from θ: (θ_i, φ_i, metrics); θ is restored."""
         cfg = self.config
         params = list(self.net.parameters())
-        x = torch.cat([ep.support_x, ep.query_x])
-        y = torch.cat([ep.support_y, ep.query_y])
+        x, y = all_examples(ep)
         batches = [b.to(x.device) for b in sub_batches(x.shape[0], cfg.inner_steps,
                                                        cfg.inner_batch, self._rng)]
         net, out = self.inner.functional(), {}

@@ -37,9 +37,10 @@ from torch import Tensor
 
 from fewshot.inner_loop import BN_POLICIES, TASK_BATCHING, InnerLoop, batched_oom_guard
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
-from fewshot.learners.common import (HeadNet, batches_tasks, check_batch, check_episode, choice,
-                                     eval_mode, fraction, minibatch_indices, minibatch_loss,
-                                     positive_float, positive_int, stack)
+from fewshot.learners.common import (HeadNet, all_examples, batches_tasks, check_batch,
+                                     check_episode, choice, eval_mode, fraction,
+                                     minibatch_indices, minibatch_loss, positive_float,
+                                     positive_int, stack, stacked_examples)
 from fewshot.learners.registry import register_learner
 
 __all__ = ["Reptile"]
@@ -164,8 +165,7 @@ class Reptile(Learner):
         sums = [torch.zeros_like(p) for p in params]
         losses, accs = [], []
         for i, ep in enumerate(episodes):
-            x = torch.cat([ep.support_x, ep.query_x])
-            y = torch.cat([ep.support_y, ep.query_y])
+            x, y = all_examples(ep)
             gen = self._generator(self.steps_done * 4096 + i)
             adapted, loss, acc = self.adapt(x, y, c.inner_steps, c.inner_batch, gen)
             for s, q in zip(sums, adapted.params):
@@ -208,8 +208,7 @@ class Reptile(Learner):
     def _train_batched(self, episodes):
         """The meta-batch's inner loops as one batched computation: (Σ_i θ̃_i, n, loss, acc)."""
         c = self.config
-        x = torch.stack([torch.cat([ep.support_x, ep.query_x]) for ep in episodes])
-        y = torch.stack([torch.cat([ep.support_y, ep.query_y]) for ep in episodes])
+        x, y = stacked_examples(episodes)
         gens = [self._generator(self.steps_done * 4096 + i) for i in range(len(episodes))]
         adapted = self._adapt_batched(x, y, c.inner_steps, c.inner_batch, gens)
         sums = [q.sum(0) for q in adapted.stacked_params()]
