@@ -83,8 +83,8 @@ def seeded_split(names: Sequence[str], fractions: Sequence[float],
     perm = np.random.default_rng(int(seed)).permutation(len(ordered))
     out: Dict[str, List[str]] = {}
     start = 0
-    for split, n in zip(SPLITS, fraction_counts(len(ordered), fractions)):
-        if n:
+    for split, f, n in zip(SPLITS, fractions, fraction_counts(len(ordered), fractions)):
+        if f > 0:  # a split asked for but rounded to no class stays, for check_sizes to refuse
             out[split] = sorted(ordered[i] for i in perm[start:start + n])
         start += n
     return out
