@@ -74,7 +74,8 @@ REFERENCE: Dict[str, Dict[str, tuple]] = {
 
 def _check_name(name: str) -> str:
     if name not in DATASETS:
-        raise DataError(unknown_name("dataset", name, DATASETS))
+        raise DataError(f"{unknown_name('dataset', name, DATASETS)} For your own images: "
+                        f"`fewshot data prepare folder {name} --from DIR` (or csv)")
     return name
 
 

@@ -354,6 +354,28 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, argv, message):
     assert re.search(message, err), err
 
 
+def test_tolerant_decoding_in_the_pool_equals_serial(tmp_path):
+    from fewshot.data.sources import POOL_MIN_JOBS, Decoder
+
+    files = _tree(tmp_path, ["a"], per_class=POOL_MIN_JOBS + 20, size=(6, 5))["a"]
+    files[7].write_bytes(b"junk")
+    items = [(str(f), f) for f in files]
+    with Decoder((4, 4), workers=2) as pool, Decoder((4, 4), workers=1) as serial:
+        got = pool.decode_some(items)
+        want = serial.decode_some(items)
+        assert pool._pool is not None  # the pool really ran
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[1].tolist() == want[1].tolist() == [i != 7 for i in range(len(files))]
+    assert got[2] == want[2] and "7.png: cannot decode" in got[2][0]
+    ref = np.asarray(Image.open(files[8]).convert("RGB").resize((4, 4), Image.LANCZOS))
+    np.testing.assert_array_equal(got[0][7], ref)  # row 7 is file 8: the bad one left out
+
+
+def test_prepare_a_builtin_name_that_is_not_one_hints_at_folder(tmp_path):
+    with pytest.raises(DataError, match=r"unknown dataset 'pets'.*prepare folder pets --from"):
+        P.prepare("pets", tmp_path, root=tmp_path)
+
+
 def test_info_of_an_unprepared_own_name(tmp_path):
     with pytest.raises(DataError, match="unknown dataset 'pets'.*prepare folder pets --from DIR"):
         P.info("pets", root=tmp_path)
