@@ -179,6 +179,15 @@ def test_folder_bad_inputs(tmp_path):
     for f in (src / "A").iterdir():
         f.unlink()
     (src / "A").rmdir()
+    nfd = unicodedata.normalize("NFD", "é")
+    _tree(src, ["é", nfd], per_class=2)  # two folders on Linux, one name on screen
+    with pytest.raises(DataError, match="class 'é' and class folder .* are duplicate class "
+                                        "names .*two Unicode forms"):
+        P.prepare_custom("folder", "e", src, root=root)
+    for c in ("é", nfd):
+        for f in (src / c).iterdir():
+            f.unlink()
+        (src / c).rmdir()
     _save(src / "loose.png", np.zeros((4, 4, 3), np.uint8))
     with pytest.raises(DataError, match=r"1 image\(s\) directly in the folder"):
         P.prepare_custom("folder", "e", src, root=root)
@@ -381,3 +390,32 @@ def test_info_of_an_unprepared_own_name(tmp_path):
         P.info("pets", root=tmp_path)
     with pytest.raises(DataError, match="not a plain folder name"):
         P.info("../x", root=tmp_path)
+
+
+def test_real_omniglot_alphabet_as_a_class_folder(tmp_path):
+    """Real 1-bit PNGs (../shared/data, skipped when absent): the Greek alphabet's 24
+    characters as class folders, grey 28x28, against Pillow on every image."""
+    import zipfile
+    from pathlib import Path
+
+    zpath = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "omniglot" / \
+        "images_background.zip"
+    if not zpath.exists():
+        pytest.skip(f"real Omniglot data not available ({zpath} missing)")
+    with zipfile.ZipFile(zpath) as z:
+        z.extractall(tmp_path, [n for n in z.namelist() if "/Greek/" in n])
+    src = tmp_path / "images_background" / "Greek"
+    P.prepare_custom("folder", "greek", src, root=tmp_path / "r", mode="L", image_size=28,
+                     split="0.5,0.25,0.25", seed=3)
+    stores = _stores(tmp_path / "r", "greek")
+    assert [s.num_classes for s in stores.values()] == [12, 6, 6]
+    assert sorted(n for s in stores.values() for n in s.class_names) == \
+        [f"character{i:02d}" for i in range(1, 25)]
+    for s in stores.values():
+        assert s.class_counts().tolist() == [20] * s.num_classes and s.image_shape == (28, 28, 1)
+        for c, name in enumerate(s.class_names):
+            files = sorted((src / name).iterdir())
+            want = np.stack([np.asarray(Image.open(f).convert("L").resize((28, 28),
+                                                                          Image.LANCZOS))
+                             for f in files])
+            np.testing.assert_array_equal(s.read(s.class_indices(c))[..., 0], want)

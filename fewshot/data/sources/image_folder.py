@@ -102,6 +102,10 @@ def list_folder(path) -> Listing:
     origin: Dict[str, str] = {}
     for d in dirs:
         name = names.add(nfc(d.name), str(Path(d.path)))
+        if name in files:  # the same name in two Unicode forms (composed / decomposed)
+            raise DataError(f"{d.path}: class '{name}' and class folder '{origin[name]}' are "
+                            "duplicate class names (the same name in two Unicode forms); "
+                            "merge the two folders")
         files[name] = images_under(Path(d.path))
         origin[name] = str(Path(d.path).resolve())
     empty = [n for n in files if not files[n]]
