@@ -88,6 +88,9 @@ def test_cifar_fs_published_classes_and_images(cifar100_real_names, tmp_path):
     rest = sorted(set(truth) - set(CIFAR_FS_VAL) - set(CIFAR_FS_TEST))
     assert st["train"].class_names == rest and len(rest) == 64
     assert [s.num_classes for s in st.values()] == [64, 16, 20]
+    P.prepare("cifar-fs", src, root=tmp_path / "r", splits="val")  # other splits are kept
+    assert sorted(p.name for p in (tmp_path / "r" / "cifar-fs").glob("*.h5")) == \
+        ["test.h5", "train.h5", "val.h5"]
     for s in st.values():
         for c, name in enumerate(s.class_names):
             np.testing.assert_array_equal(s.read(s.class_indices(c)), truth[name])

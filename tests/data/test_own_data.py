@@ -157,6 +157,9 @@ def test_failed_reconversion_keeps_the_previous_stores(tmp_path):
     after = {p.name: ImageStore.open(p).checksum for p in (root / "d").glob("*.h5")}
     assert after == before and len(before) == 3
     assert not list(root.glob(".d.tmp-*"))
+    (src / "k9" / "1.png").unlink()  # a successful conversion redefines the whole dataset
+    P.prepare_custom("folder", "d", src, root=root, split="0,0,1", min_images=1, image_size=8)
+    assert sorted(p.name for p in (root / "d").glob("*.h5")) == ["test.h5"]
 
 
 def test_folder_bad_inputs(tmp_path):

@@ -227,11 +227,12 @@ def write_classes(writer, decoder: Decoder, classes, batch: int = 1024,
 
 
 @contextlib.contextmanager
-def staged_dataset(out_dir: Union[str, os.PathLike]) -> Iterator[Path]:
-    """All of a dataset's stores, or none: the converter writes its split stores into a
+def staged_dataset(out_dir: Union[str, os.PathLike], replace_all: bool = False) -> Iterator[Path]:
+    """All of a conversion's stores, or none: the converter writes its split stores into a
     staging folder beside ``out_dir`` (``.<name>.tmp-<pid>``); when the block ends without an
-    error they replace ``out_dir``'s stores (a split that was not rewritten is removed, so the
-    folder holds exactly this conversion), on any error the staging folder is deleted and
+    error they are moved into ``out_dir`` (with ``replace_all``, a split store there that was
+    not rewritten is removed, so the folder holds exactly this conversion: a user's own dataset
+    is redefined by each conversion), on any error the staging folder is deleted and
     ``out_dir`` is left as it was."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -241,7 +242,7 @@ def staged_dataset(out_dir: Union[str, os.PathLike]) -> Iterator[Path]:
     try:
         yield stage
         out_dir.mkdir(exist_ok=True)
-        for old in out_dir.glob("*.h5"):
+        for old in out_dir.glob("*.h5") if replace_all else ():
             if not (stage / old.name).exists():
                 old.unlink()
         for new in sorted(stage.glob("*.h5")):

@@ -136,7 +136,7 @@ def convert(kind: str, from_path, out_dir, *, images=None, split: Optional[str] 
     skipped = list(listing.missing)
     out_dir = Path(out_dir)
     with Decoder(size, mode=mode, workers=workers, resample=str(resample).lower()) as dec, \
-            staged_dataset(out_dir) as stage:
+            staged_dataset(out_dir, replace_all=True) as stage:
         dec.start(sum(len(listing.files[n]) for names in splits.values() for n in names))
         for s, names in splits.items():
             skipped += _write_split(stage / f"{s}.h5", listing, s, names, dec, dataset=dataset,
