@@ -15,7 +15,8 @@ Checks, each a one-line :class:`DataError` before anything is written: every spl
 images (default 2, one support and one query). An image that cannot be decoded fails the
 conversion naming the file (``on_error="fail"``, default) or is left out and counted
 (``on_error="skip"``; the counts are re-checked after decoding). All stores of the dataset are
-written, or none (:func:`~fewshot.data.sources.staged_dataset`).
+written, or none, and they replace every store of the previous conversion of NAME
+(:func:`~fewshot.data.sources.staged_dataset` with ``replace_all``).
 
 Each store records ``source`` (the folder or CSV), ``class_names``, ``class_info["origin"]``
 (each class's folder, or the CSV line of its first image) and the settings (attributes
