@@ -1,6 +1,8 @@
 """The ``fewshot`` command (also ``python -m fewshot``).
 
     fewshot data prepare|info|verify|download NAME [--from PATH] [--root DIR]
+    fewshot data prepare folder NAME --from DIR           (your own images: DIR/<class>/...)
+    fewshot data prepare csv NAME --from FILE.csv [--images DIR]   (path,label[,split] rows)
     fewshot learners [NAME]
     fewshot config [CONFIG.toml] [--set k=v ...] [--explain]
     fewshot train CONFIG.toml [--set key=value ...] [--out RUN_DIR] [--device D] [--seed N]
@@ -116,12 +118,18 @@ def _add_data_parser(sub) -> None:
                       ("verify", "check shapes, dtypes, labels, counts and checksums"),
                       ("download", "download with the maintained downloaders, then convert")):
         a = dsub.add_parser(name, help=hlp)
-        a.add_argument("name", help="dataset name (glyphs, omniglot, mini-imagenet, ...)")
+        a.add_argument("name", help="dataset name (glyphs, omniglot, mini-imagenet, ...)" +
+                       ("; or folder / csv, then the NAME of your own dataset"
+                        if name == "prepare" else ""))
         a.add_argument("--root", help="data root (default $FEWSHOT_DATA or ./datasets)")
         if name in ("info", "verify"):
             a.add_argument("--json", action="store_true", help="print the full JSON")
         if name == "prepare":
+            a.add_argument("target", nargs="?", metavar="NAME",
+                           help="after folder / csv: the name of the new dataset")
             a.add_argument("--from", dest="from_path", help="folder or file the user has")
+            a.add_argument("--images", help="prepare csv: folder the CSV's image paths are "
+                                            "relative to (default: the CSV's folder)")
             a.add_argument("--opt", action="append", type=_kv, default=[], metavar="KEY=VALUE",
                            help="converter option (repeatable), e.g. --opt split=vinyals")
 
@@ -157,11 +165,7 @@ def _cmd_data(args) -> int:
     from fewshot.data import prepare as P
 
     if args.data_command == "prepare":
-        opts = dict(args.opt)
-        paths = P.prepare(args.name, from_path=args.from_path, root=args.root, **opts)
-        for path in paths:
-            print(path)
-        return 0
+        return _prepare(P, args)
     if args.data_command == "download":
         out = P.download(args.name, root=args.root)
         for path in out or []:
@@ -173,6 +177,31 @@ def _cmd_data(args) -> int:
         print(json.dumps(res, indent=1, default=str))
         return 0
     print(_format_data(args.data_command, res))
+    return 0
+
+
+def _prepare(P, args) -> int:
+    """``data prepare NAME`` (a built-in dataset) or ``data prepare folder|csv NAME``."""
+    opts = dict(args.opt)
+    if args.name not in ("folder", "csv"):
+        if args.target is not None or args.images is not None:
+            extra = args.target if args.target is not None else "--images"
+            raise ConfigError(f"fewshot data prepare {args.name}: unexpected {extra!r} (a second "
+                              "NAME and --images are for `prepare folder|csv NAME`)")
+        for path in P.prepare(args.name, from_path=args.from_path, root=args.root, **opts):
+            print(path)
+        return 0
+    if args.images is not None:
+        opts["images"] = args.images
+    res = P.prepare_custom(args.name, args.target, args.from_path, root=args.root, **opts)
+    for path in res.paths:
+        print(path)
+    if res.skipped:
+        print(f"fewshot: skipped {len(res.skipped)} unreadable image(s) (on_error=skip), first: "
+              f"{' '.join(res.skipped[0].split())}", file=sys.stderr)
+    if res.unused:
+        print(f"fewshot: {len(res.unused)} class(es) are in no split list and were left out, "
+              f"e.g. '{res.unused[0]}'", file=sys.stderr)
     return 0
 
 

@@ -15,12 +15,20 @@ name                    ``--from`` expects                          stores (spli
 ``cifar10``             cifar-10-batches-py/                        train, test
 ``cifar100``            cifar-100-python/                           train, test
 ``tiny-imagenet``       tiny-imagenet-200/                          train, val
+``cifar-fs``            cifar-100-python/                           train, val, test
+``fc100``               cifar-100-python/                           train, val, test
+``cub``                 CUB_200_2011/ (images/ + classes.txt)       train, val, test
 ======================  ==========================================  ===========================
+
+A user's own images: :func:`prepare_custom` (``fewshot data prepare folder|csv NAME --from``)
+writes ``<root>/NAME/<split>.h5`` from a folder of class folders or a path,label CSV; ``info``
+and ``verify`` take any prepared NAME.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from pathlib import Path
 from typing import Dict, List
 
@@ -31,7 +39,9 @@ from fewshot.data.sources.download import fetch
 from fewshot.errors import ConfigError, DataError, unknown_name
 
 DATASETS = ("glyphs", "omniglot", "mini-imagenet", "tiered-imagenet", "cifar10", "cifar100",
-            "tiny-imagenet")
+            "tiny-imagenet", "cifar-fs", "fc100", "cub")
+#: a dataset name is a folder under the data root
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 #: (module, extra fixed keyword arguments) of each dataset's converter
 _CONVERTERS = {
@@ -41,6 +51,9 @@ _CONVERTERS = {
     "cifar10": ("fewshot.data.sources.cifar", {"name": "cifar10"}),
     "cifar100": ("fewshot.data.sources.cifar", {"name": "cifar100"}),
     "tiny-imagenet": ("fewshot.data.sources.tiny_imagenet", {}),
+    "cifar-fs": ("fewshot.data.sources.cifar_fs", {"variant": "cifar-fs"}),
+    "fc100": ("fewshot.data.sources.cifar_fs", {"variant": "fc100"}),
+    "cub": ("fewshot.data.sources.cub", {}),
 }
 
 #: published sizes: split -> (classes, images per class or None when it varies)
@@ -53,12 +66,24 @@ REFERENCE: Dict[str, Dict[str, tuple]] = {
     "cifar100": {"train": (100, 500), "test": (100, 100)},
     "tiny-imagenet": {"train": (200, 500), "val": (200, 50)},
     "glyphs": {"train": (800, 20), "val": (200, 20), "test": (200, 20)},
+    "cifar-fs": {"train": (64, 600), "val": (16, 600), "test": (20, 600)},
+    "fc100": {"train": (60, 600), "val": (20, 600), "test": (20, 600)},
+    "cub": {"train": (100, None), "val": (50, None), "test": (50, None)},
 }
 
 
 def _check_name(name: str) -> str:
     if name not in DATASETS:
-        raise DataError(unknown_name("dataset", name, DATASETS))
+        raise DataError(f"{unknown_name('dataset', name, DATASETS)} For your own images: "
+                        f"`fewshot data prepare folder {name} --from DIR` (or csv)")
+    return name
+
+
+def _check_any_name(name: str) -> str:
+    """A built-in dataset or a name given to `prepare folder|csv`: a plain folder name."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise DataError(f"dataset name {name!r} is not a plain folder name; use letters, digits, "
+                        "'_', '-' or '.'")
     return name
 
 
@@ -128,6 +153,30 @@ def prepare(name: str, from_path=None, root=None, **opts) -> List[Path]:
                                    Path(from_path).expanduser(), out_dir)]
 
 
+def prepare_custom(kind: str, name: str, from_path, root=None, **opts):
+    """Convert a user's own images into ``<root>/<name>/<split>.h5``: ``kind`` "folder" (one
+    sub-folder per class) or "csv" (path,label[,split]; ``images=DIR`` for relative paths).
+    Options: split, split_lists, seed, image_size, mode, resample, on_error, min_images,
+    min_classes, workers (see :mod:`fewshot.data.sources.custom`). Returns its
+    :class:`~fewshot.data.sources.custom.Conversion` (paths, skipped images, unused classes)."""
+    from fewshot.data.sources import custom
+
+    if kind not in custom.KINDS:
+        raise DataError(unknown_name("input kind", kind, custom.KINDS))
+    if not name:
+        raise ConfigError(f"`fewshot data prepare {kind}` needs a NAME for the new dataset: "
+                          f"fewshot data prepare {kind} NAME --from PATH")
+    _check_any_name(name)
+    if name in DATASETS or name in custom.KINDS:
+        raise ConfigError(f"'{name}' is a built-in dataset name; choose another NAME for your "
+                          f"own data (e.g. my-{name})")
+    if from_path is None:
+        raise DataError(f"`fewshot data prepare {kind} {name}` needs --from PATH (the "
+                        f"{'folder of class folders' if kind == 'folder' else 'CSV file'})")
+    return _call(custom.convert, f"{kind} {name}", {"dataset": name}, opts, kind,
+                 Path(from_path).expanduser(), data_root(root) / name)
+
+
 def download(name: str, root=None, **opts) -> List[Path]:
     """Download ``name`` with its library's downloader (checksummed) and convert it."""
     _check_name(name)
@@ -140,8 +189,12 @@ def download(name: str, root=None, **opts) -> List[Path]:
 
 
 def _splits_or_raise(name: str, root) -> List[str]:
-    _check_name(name)
+    _check_any_name(name)
     splits = available_splits(name, root)
+    if not splits and name not in DATASETS:
+        raise DataError(f"{unknown_name('dataset', name, DATASETS)} Nothing is prepared under "
+                        f"{data_root(root) / name}; for your own images run `fewshot data "
+                        f"prepare folder {name} --from DIR` (or `csv`)")
     if not splits:
         hint = "" if name == "glyphs" else " --from PATH"
         raise DataError(f"{data_root(root) / name}: dataset '{name}' is not prepared; run "

@@ -68,10 +68,13 @@ def locate(from_path: Path, name: str) -> Path:
                     f"extracted official {folder}/ folder")
 
 
-def read_split(folder: Path, name: str, split: str):
-    """-> images (n, 32, 32, 3) uint8, labels (n,) int64 of one split."""
+def read_batches(folder: Path, name: str, split: str, label_fields=None):
+    """-> images (n, 32, 32, 3) uint8 and {field: (n,) int64} of one split; ``label_fields``
+    defaults to the variant's class labels (``labels`` / ``fine_labels``); CIFAR-100 batches
+    also hold ``coarse_labels``."""
     lay = LAYOUTS[name]
-    xs, ys = [], []
+    fields = tuple(label_fields or (lay["labels"],))
+    xs, ys = [], {f: [] for f in fields}
     for fname in lay["splits"][split]:
         path = folder / fname
         if not path.is_file():
@@ -79,16 +82,37 @@ def read_split(folder: Path, name: str, split: str):
                             "incomplete, extract the official archive again")
         d = safe_load(path, encoding="bytes")
         data = np.asarray(_get(d, "data", path))
-        labels = np.asarray(_get(d, lay["labels"], path))
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
             raise DataError(f"{path}: field 'data' is {data.dtype} {data.shape}, expected uint8 "
                             "(n, 3072); the file is not an official CIFAR batch")
-        if labels.shape != (data.shape[0],):
-            raise DataError(f"{path}: field '{lay['labels']}' has {labels.size} labels for "
-                            f"{data.shape[0]} images")
+        for f in fields:
+            labels = np.asarray(_get(d, f, path))
+            if labels.shape != (data.shape[0],):
+                raise DataError(f"{path}: field '{f}' has {labels.size} labels for "
+                                f"{data.shape[0]} images")
+            ys[f].append(labels.astype(np.int64))
         xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        ys.append(labels.astype(np.int64))
-    return np.concatenate(xs), np.concatenate(ys)
+    return np.concatenate(xs), {f: np.concatenate(v) for f, v in ys.items()}
+
+
+def read_split(folder: Path, name: str, split: str):
+    """-> images (n, 32, 32, 3) uint8, labels (n,) int64 of one split."""
+    images, labels = read_batches(folder, name, split)
+    return images, labels[LAYOUTS[name]["labels"]]
+
+
+def read_meta(folder: Path, name: str) -> Dict[str, List[str]]:
+    """The variant's class names (``"names"``) and, for CIFAR-100, ``"coarse"`` names."""
+    lay = LAYOUTS[name]
+    meta_path = folder / lay["meta"]
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path}: missing; the {lay['folder']}/ folder is incomplete")
+    meta = safe_load(meta_path, encoding="bytes")
+    out = {"names": _strings(_get(meta, lay["names"], meta_path), meta_path, lay["names"])}
+    if name == "cifar100":
+        out["coarse"] = _strings(_get(meta, "coarse_label_names", meta_path), meta_path,
+                                 "coarse_label_names")
+    return out
 
 
 def convert(from_path, out_dir, *, name: str = "cifar10", splits=("train", "test"),
@@ -98,32 +122,31 @@ def convert(from_path, out_dir, *, name: str = "cifar10", splits=("train", "test
         raise DataError(f"unknown CIFAR variant '{name}'; use cifar10 or cifar100")
     folder = locate(Path(from_path), name)
     lay = LAYOUTS[name]
-    meta_path = folder / lay["meta"]
-    if not meta_path.is_file():
-        raise DataError(f"{meta_path}: missing; the {lay['folder']}/ folder is incomplete")
-    meta = safe_load(meta_path, encoding="bytes")
-    class_names = _strings(_get(meta, lay["names"], meta_path), meta_path, lay["names"])
+    meta = read_meta(folder, name)
+    class_names = meta["names"]
     info: Dict[str, List[str]] = {}
     out_dir = Path(out_dir)
     written = []
     for split in splits:
         if split not in lay["splits"]:
             raise DataError(f"unknown CIFAR split '{split}'; use train or test")
-        images, labels = read_split(folder, name, split)
+        fields = (lay["labels"], "coarse_labels") if name == "cifar100" else None
+        images, got = read_batches(folder, name, split, fields)
+        labels = got[lay["labels"]]
         if labels.min() < 0 or labels.max() >= len(class_names):
             raise DataError(f"{folder}: labels of '{split}' outside 0..{len(class_names) - 1}")
         if name == "cifar100":
-            coarse_names = _strings(_get(meta, "coarse_label_names", meta_path), meta_path,
-                                    "coarse_label_names")
-            coarse = np.concatenate([
-                np.asarray(_get(safe_load(folder / f, encoding="bytes"), "coarse_labels",
-                                folder / f)) for f in lay["splits"][split]])
-            sup = [""] * len(class_names)
-            for fine, c in zip(labels, coarse):
-                sup[fine] = coarse_names[int(c)]
-            info = {"superclass": sup}
+            info = {"superclass": superclass_names(labels, got["coarse_labels"], meta)}
         written.append(write_store(out_dir / f"{split}.h5", images, labels, class_names,
                                    dataset=dataset or name, split=split,
                                    source=f"{lay['folder']}/{'+'.join(lay['splits'][split])}",
                                    class_info=info or None))
     return written
+
+
+def superclass_names(fine: np.ndarray, coarse: np.ndarray, meta: Dict[str, List[str]]) -> List[str]:
+    """Each fine class's coarse (superclass) name, from the per-image label pairs."""
+    sup = [""] * len(meta["names"])
+    for f, c in zip(fine, coarse):
+        sup[f] = meta["coarse"][int(c)]
+    return sup

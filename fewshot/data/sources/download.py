@@ -3,6 +3,7 @@ the download links and checksums, then converted like local files:
 
 * omniglot: ``torchvision.datasets.Omniglot`` (background and evaluation zips, md5-checked);
 * cifar10 / cifar100: ``torchvision.datasets.CIFAR10`` / ``CIFAR100`` (md5-checked archives);
+  cifar-fs and fc100 fetch the same CIFAR-100 archive (they are class splits of it);
 * tiny-imagenet: ``torchvision.datasets.utils.download_and_extract_archive`` of the official
   zip with its md5 (:data:`TINY_IMAGENET_MD5`);
 * mini-imagenet / tiered-imagenet: ``learn2learn.vision.datasets.MiniImagenet`` /
@@ -76,6 +77,8 @@ FETCHERS: Dict[str, Callable[[Path], Path]] = {
     "omniglot": _fetch_omniglot,
     "cifar10": _fetch_cifar10,
     "cifar100": _fetch_cifar100,
+    "cifar-fs": _fetch_cifar100,  # CIFAR-FS / FC100 are class splits of the CIFAR-100 files
+    "fc100": _fetch_cifar100,
     "tiny-imagenet": _fetch_tiny,
     "mini-imagenet": _fetch_mini,
     "tiered-imagenet": _fetch_tiered,
