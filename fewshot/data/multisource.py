@@ -161,6 +161,8 @@ class MultiSourceSampler:
             raise ConfigError(f"MultiSourceSampler.load_state_dict: state of sources "
                               f"{state['sources']}, this sampler reads {self.names}")
         self.seed = int(state.get("seed", self.seed))
+        for sampler in self.samplers:  # a source's episode i is drawn from (seed, i) too
+            sampler.seed = self.seed
         self.index = int(state["index"])
 
     def __repr__(self) -> str:
