@@ -99,7 +99,8 @@ def test_eval_on_an_rgb_store_of_another_size_equals_hand_evaluation(glyph_run, 
     assert grid.extra["conversion"] == "RGB->L (ITU-R 601-2 luma), 20x20->28x28 Lanczos"
     saved = json.loads((run_dir / "results.json").read_text())
     assert (saved["dataset"], saved["train_dataset"]) == ("colour", "glyphs")
-    assert "cross-domain: trained on glyphs" in (run_dir / "results.md").read_text()
+    assert ("trained on glyphs, evaluated on colour (image conversion: RGB->L (ITU-R 601-2 luma), "
+            "20x20->28x28 Lanczos)") in (run_dir / "results.md").read_text()
     assert (run_dir / "results.csv").read_text().splitlines()[1].endswith(",glyphs")
     learner, _, _ = open_run(run_dir).load_learner("best")
     store = _pil_store(xroot / "colour" / "test.h5", 28, "L")
@@ -121,7 +122,7 @@ def test_eval_on_real_omniglot_through_the_cli(glyph_run, xroot, tmp_path, capsy
     (run_dir / "config.toml").write_text(cfg)
     assert main(["eval", str(run_dir), "--dataset", "omniglot", "--split", "background_small1",
                  "--ways", "5,20", "--shots", "1", "--episodes", "10", "--quiet"]) == 0
-    assert "cross-domain: trained on glyphs" in capsys.readouterr().out
+    assert "trained on glyphs, evaluated on omniglot" in capsys.readouterr().out
     grid = load_results(run_dir)
     assert (grid.dataset, grid.split, grid.train_dataset) == ("omniglot", "background_small1",
                                                               "glyphs")
@@ -137,6 +138,8 @@ def test_eval_on_real_omniglot_through_the_cli(glyph_run, xroot, tmp_path, capsy
 def test_compare_refuses_runs_evaluated_on_different_datasets(glyph_run, tmp_path, capsys):
     a, b = _copy(glyph_run, tmp_path, "a"), _copy(glyph_run, tmp_path, "b")
     evaluate_run(open_run(a), ways=[5], shots=[1], episodes=4)
+    assert "train_dataset" not in (a / "results.csv").read_text()  # in-domain: former layout
+    assert json.loads((a / "results.json").read_text())["train_dataset"] == "glyphs"
     evaluate_run(open_run(b), ways=[5], shots=[1], episodes=4, dataset="colour")
     with pytest.raises(FewShotError, match=r"evaluated on glyphs/test \(trained on glyphs\), "
                                            r".* on colour/test \(trained on glyphs\); evaluate "
