@@ -31,12 +31,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence as SequenceABC
 from dataclasses import replace
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
 
-from fewshot.data.episodes import Episode, _generator, fixed_episodes, make_sampler
+from fewshot.data.episodes import (CountedSampling, Episode, _generator, fixed_episodes,
+                                   make_sampler)
 from fewshot.data.store import available_splits, data_root
 from fewshot.errors import ConfigError, DataError
 
@@ -85,7 +86,7 @@ def check_sources_prepared(names: Sequence[str], root=None) -> None:
                             f"prepare {name} ...` or fix the name")
 
 
-class MultiSourceSampler:
+class MultiSourceSampler(CountedSampling):
     """Episodes from several sources, each episode from one (see the module docstring).
 
     Args:
@@ -136,18 +137,6 @@ class MultiSourceSampler:
         return replace(ep, classes=ep.classes + off,
                        base_support_y=None if ep.base_support_y is None else ep.base_support_y + off,
                        base_query_y=None if ep.base_query_y is None else ep.base_query_y + off)
-
-    def sample(self) -> Episode:
-        ep = self.episode(self.index)
-        self.index += 1
-        return ep
-
-    def sample_batch(self, n: int) -> List[Episode]:
-        return [self.sample() for _ in range(int(n))]
-
-    def __iter__(self) -> Iterator[Episode]:
-        while True:
-            yield self.sample()
 
     def state_dict(self) -> Dict[str, Any]:
         """Resume point (plain data): the seed, the counter and the sources it was built on."""
