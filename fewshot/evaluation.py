@@ -17,7 +17,9 @@ so the table is identical to a single process's. Without torch.distributed, (ran
 is (0, 1).
 
 A run (:func:`evaluate_run`): episodic learners on the grid above; supervised learners by
-top-1 and top-k accuracy over every image of the split (:func:`evaluate_supervised`).
+top-1 and top-k accuracy over every image of the split (:func:`evaluate_supervised`); on
+another dataset than the training one (cross-domain), its images converted to the run's
+image shape (:mod:`fewshot.data.conform`).
 Imports: run, report, config, data, learners, distributed, plots, errors (never the trainer
 or the API).
 """
@@ -312,13 +314,12 @@ def evaluate_run(run: Run, *, ways: Optional[Sequence[int]] = None, shots: Optio
                  dataset: Optional[str] = None) -> GridResult:
     """Evaluate a run's weights on the grid (arguments default to the run's [eval] table).
 
-    ``dataset`` (default ``eval.dataset``, else the run's training dataset, the first source of
-    a multi-source run) may name another prepared dataset: cross-domain evaluation. Its split's
-    images are brought to the run's image shape by :func:`fewshot.data.conform.conform_store`
-    (the converters' own steps: PIL mode conversion, RGB -> L by ITU-R 601-2 luma or L -> RGB
-    by repetition, then a Lanczos resize) and normalised, as every evaluated split is, by that
-    split's own per-channel mean/std (recomputed after the conversion). The results record
-    both datasets (``GridResult.dataset`` and ``train_dataset``) and the conversion.
+    ``dataset`` (default ``eval.dataset``, else the run's first training dataset) may name
+    another prepared dataset (cross-domain): its images are brought to the run's image shape
+    by :func:`fewshot.data.conform.conform_store` (PIL mode conversion, RGB -> L by ITU-R
+    601-2 luma or L -> RGB by repetition, then Lanczos) and normalised, as every evaluated
+    split is, by the split's own per-channel mean/std, recomputed after the conversion. The
+    results record both datasets (``dataset``, ``train_dataset``) and the conversion.
 
     ``learner`` given (the trainer's, at the end of training) is used as is only when
     ``checkpoint`` is "last"; otherwise the chosen checkpoint is loaded. Results go to
@@ -335,13 +336,8 @@ def evaluate_run(run: Run, *, ways: Optional[Sequence[int]] = None, shots: Optio
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"--checkpoint must be best or last, got {checkpoint!r}")
     dev = resolve_device(str(device) if device is not None else cfg.train.device)
-    dataset = dataset or cfg.eval_dataset()
     kind = run.state.get("input_kind", "episodes")
-    if kind == "supervised" and dataset not in cfg.data.sources:
-        raise ConfigError(f"--dataset {dataset}: supervised learner '{cfg.learner.name}' "
-                          f"classifies the classes of {cfg.data.dataset}; cross-domain evaluation "
-                          f"needs an episodic learner")
-    store, conversion = _evaluation_store(run, dataset, split)
+    dataset, store, conversion = _evaluation_store(run, dataset or cfg.eval_dataset(), split)
     try:
         if kind != "supervised":
             check_grid(store, ways, shots, queries, what=f"eval grid on split '{split}'")
@@ -381,14 +377,19 @@ def run_image_shape(run: Run) -> Optional[Tuple[int, int, int]]:
 
 
 def _evaluation_store(run: Run, dataset: str, split: str):
-    """(store of ``dataset``/``split`` in the run's image shape, the conversion applied)."""
+    """(``dataset``, its split ``split`` in the run's image shape, the conversion applied);
+    a supervised learner is refused another dataset (it classifies its training classes)."""
     cfg = run.config
+    if run.state.get("input_kind") == "supervised" and dataset not in cfg.data.sources:
+        raise ConfigError(f"--dataset {dataset}: supervised learner '{cfg.learner.name}' "
+                          f"classifies the classes of {cfg.data.dataset}; cross-domain evaluation "
+                          f"needs an episodic learner")
     store = open_split(dataset, split, cfg.data.root, cfg.data.in_memory)
     shape = run_image_shape(run)
     if shape is None or tuple(store.image_shape) == shape:
-        return store, "none"
+        return dataset, store, "none"
     conversion = describe_conversion(store.image_shape, shape)
-    return conform_store(store, shape), conversion
+    return dataset, conform_store(store, shape), conversion
 
 
 def _write_grid(grid: GridResult, run_dir) -> None:
