@@ -227,3 +227,15 @@ def test_multi_source_config_and_data_errors(xroot, write_config, tmp_path):
     with pytest.raises(DataError, match="source 'colour': split 'val' has 8 classes, fewer than "
                                         "the 10 ways of validation"):
         Trainer(cfg, tmp_path / "r2", overrides=["train.val_ways=10"]).run()
+
+
+def test_runs_without_a_recorded_image_shape_use_their_data_shape(glyph_run):
+    """run.json of runs trained before ``image_shape`` was recorded: (size, size, channels)."""
+    from fewshot.evaluation import run_image_shape
+
+    run = open_run(glyph_run)
+    assert run_image_shape(run) == (28, 28, 1)
+    state = {k: v for k, v in run.state.items() if k != "image_shape"}
+    state["data_shape"] = {"in_channels": 3, "image_size": 20, "num_classes": 4}
+    assert run_image_shape(Run(glyph_run, run.config, state)) == (20, 20, 3)
+    assert run_image_shape(Run(glyph_run, run.config, {})) is None
