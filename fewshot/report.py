@@ -324,7 +324,8 @@ def compare(a: GridResult, b: GridResult, name_a: str = "A", name_b: str = "B") 
     """Paired per-cell comparison of two grids evaluated on the same episodes.
 
     Raises :class:`FewShotError` when the grids were evaluated on different episodes
-    (another evaluation dataset -- whatever the training datasets --, split, seed, shape, count or episode fingerprint).
+    (another evaluation dataset, whatever the training datasets, or another split, seed,
+    shape, count or episode fingerprint).
     """
     if (a.dataset, a.split) != (b.dataset, b.split):
         raise FewShotError(f"cannot compare: {name_a} was evaluated on {a.dataset}/{a.split}"

@@ -106,7 +106,7 @@ def test_eval_on_an_rgb_store_of_another_size_equals_hand_evaluation(glyph_run, 
     store = _pil_store(xroot / "colour" / "test.h5", 28, "L")
     for shots in (1, 2):
         want = _hand_accuracies(learner, store, 5, shots, 3, 6, 11)
-        assert grid.cell(5, shots).accuracies == pytest.approx(want, abs=1e-6)  # float32 means; one query = 1/15
+        assert grid.cell(5, shots).accuracies == pytest.approx(want, abs=1e-6)  # float32 means
 
 
 def test_eval_on_real_omniglot_through_the_cli(glyph_run, xroot, tmp_path, capsys):
@@ -131,7 +131,7 @@ def test_eval_on_real_omniglot_through_the_cli(glyph_run, xroot, tmp_path, capsy
     store = _pil_store(root / "omniglot" / "background_small1.h5", 28, "L")
     for ways in (5, 20):
         want = _hand_accuracies(learner, store, ways, 1, 3, 10, 11)
-        assert grid.cell(ways, 1).accuracies == pytest.approx(want, abs=1e-6)  # float32 means; one query = 1/15
+        assert grid.cell(ways, 1).accuracies == pytest.approx(want, abs=1e-6)  # float32 means
         assert grid.cell(ways, 1).mean > 1.0 / ways  # glyph features transfer to characters
 
 
