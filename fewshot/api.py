@@ -57,13 +57,15 @@ def train(config: Union[str, os.PathLike, Dict[str, Any], RunConfig], *, out=Non
 def evaluate(run: Union[Run, str, os.PathLike], ways: Sequence[int] = (5,), shots: Sequence[int] = (1, 5),
              queries: Optional[int] = None, episodes: Optional[int] = None, *, split: Optional[str] = None,
              seed: Optional[int] = None, checkpoint: Optional[str] = None, device=None,
-             quiet: bool = True, write: bool = True) -> GridResult:
-    """``fewshot eval``: the N-way K-shot grid of a run (a :class:`Run` or its directory)."""
+             quiet: bool = True, write: bool = True, dataset: Optional[str] = None) -> GridResult:
+    """``fewshot eval``: the N-way K-shot grid of a run (a :class:`Run` or its directory);
+    ``dataset`` evaluates on another prepared dataset (cross-domain, see
+    :func:`fewshot.evaluation.evaluate_run`)."""
     if not isinstance(run, Run):
         run = open_run(run)
     return evaluate_run(run, ways=ways, shots=shots, queries=queries, episodes=episodes,
                         split=split, seed=seed, checkpoint=checkpoint, device=device, quiet=quiet,
-                        write=write)
+                        write=write, dataset=dataset)
 
 
 def compare(run_a, run_b) -> Comparison:

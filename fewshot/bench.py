@@ -395,12 +395,12 @@ def _check_grids(plan) -> None:
     for e, seed, cfg, _ in plan:
         if get_learner(cfg.learner.name).input_kind == "supervised":
             continue  # evaluated on every image of the test split, no episode grid
-        key = (cfg.data.dataset, cfg.data.root, cfg.eval_split(), tuple(cfg.eval.ways),
+        key = (cfg.eval_dataset(), cfg.data.root, cfg.eval_split(), tuple(cfg.eval.ways),
                tuple(cfg.eval.shots), cfg.eval.queries)
         if key in seen:
             continue
         seen.add(key)
-        store = open_split(cfg.data.dataset, cfg.eval_split(), cfg.data.root, in_memory=False)
+        store = open_split(cfg.eval_dataset(), cfg.eval_split(), cfg.data.root, in_memory=False)
         try:
             check_grid(store, cfg.eval.ways, cfg.eval.shots, cfg.eval.queries,
                        what=f"bench eval grid on split '{cfg.eval_split()}'")

@@ -9,7 +9,7 @@
                   [--force] [--quiet] [--no-eval]
     fewshot train --resume RUN_DIR [--set train.episodes=N]
     fewshot eval RUN_DIR [--ways 5,20] [--shots 1,5] [--queries 15] [--episodes 600]
-                 [--split test] [--seed N] [--checkpoint best|last]
+                 [--split test] [--dataset NAME] [--seed N] [--checkpoint best|last]
     fewshot bench SPEC.toml [--quick] [--out DIR] [--force]
     fewshot compare RUN_A RUN_B
     fewshot embed RUN_DIR [--ways 5] [--shots 5] [--episode 0] [--method tsne|pca]
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--queries", type=int, help="queries per class (default 15)")
     e.add_argument("--episodes", type=int, help="episodes per cell (default 600)")
     e.add_argument("--split", help="split to evaluate (default: the run's test split)")
+    e.add_argument("--dataset", help="evaluate on another prepared dataset (cross-domain; images "
+                                     "converted to the run's size and channels; default: the "
+                                     "run's eval.dataset, else its training dataset)")
     e.add_argument("--seed", type=int, help="seed of the episodes (default: the run's eval.seed)")
     e.add_argument("--checkpoint", choices=["best", "last"], help="weights to evaluate")
     e.add_argument("--device", help="auto, cpu, cuda")
@@ -367,7 +370,8 @@ def _cmd_eval(args) -> int:
     run = open_run(args.run_dir)
     grid = evaluate_run(run, ways=args.ways, shots=args.shots, queries=args.queries,
                         episodes=args.episodes, split=args.split, seed=args.seed,
-                        checkpoint=args.checkpoint, device=args.device, quiet=args.quiet)
+                        checkpoint=args.checkpoint, device=args.device, quiet=args.quiet,
+                        dataset=args.dataset)
     print(grid.table(), end="")
     print(f"written: {Path(args.run_dir) / 'results.json'}, results.csv, results.md")
     return 0

@@ -55,7 +55,10 @@ def _f(default, doc: str, **kw):
 class DataConfig:
     """[data]: the dataset the run reads (stores made by ``fewshot data prepare``)."""
 
-    dataset: str = _f("glyphs", "dataset name, as given to `fewshot data prepare NAME`")
+    dataset: Union[str, List[str]] = _f(
+        "glyphs", "dataset name, as given to `fewshot data prepare NAME`; a list = multi-source "
+                  "episodic training (Meta-Dataset style): each episode from one source, every "
+                  "source's images brought to the first source's size and channels")
     root: Optional[str] = _f(None, "data root holding <dataset>/<split>.h5; default $FEWSHOT_DATA "
                                    "or ./datasets")
     train_split: str = _f("train", "split used for training (meta-training classes)")
@@ -66,6 +69,14 @@ class DataConfig:
                                          "disk; unset: in memory when the store fits")
     augment: Optional[str] = _f(None, "training augmentation preset passed to the sampler "
                                       "(e.g. 'cifar', 'tiny'); unset: none")
+    source_sampling: str = _f("uniform", "multi-source training: the source of each episode is "
+                                         "drawn 'uniform' (Meta-Dataset's default) or by 'size' "
+                                         "(proportional to its training classes)")
+
+    @property
+    def sources(self) -> List[str]:
+        """The dataset names read for training (one, or several for multi-source training)."""
+        return list(self.dataset) if isinstance(self.dataset, list) else [self.dataset]
 
 
 @dataclass
@@ -120,6 +131,9 @@ class EvalConfig:
     split: Optional[str] = _f(None, "split to evaluate; default: data.test_split")
     seed: int = _f(2024, "seed of the evaluation episodes; equal seeds = equal episodes")
     checkpoint: str = _f("best", "which weights to evaluate: best (on validation) or last")
+    dataset: Optional[str] = _f(None, "dataset to evaluate (cross-domain evaluation: its images "
+                                      "are brought to the run's size and channels); default: "
+                                      "data.dataset (the first source of a multi-source run)")
 
 
 @dataclass
@@ -148,6 +162,10 @@ class RunConfig:
 
     def eval_split(self) -> str:
         return self.eval.split or self.data.test_split
+
+    def eval_dataset(self) -> str:
+        """The dataset evaluated: eval.dataset, else data.dataset (its first source)."""
+        return self.eval.dataset or self.data.sources[0]
 
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
@@ -367,9 +385,36 @@ def _validate(cfg: RunConfig, where: str) -> None:
             positive(f"eval.{key}", x)
     positive("eval.queries", e.queries)
     positive("eval.episodes", e.episodes)
+    _validate_sources(cfg, src)
     if e.checkpoint not in ("best", "last"):
         raise ConfigError(f"config key 'eval.checkpoint' must be 'best' or 'last', found "
                           f"{e.checkpoint!r}{src}")
+
+
+def _validate_sources(cfg: RunConfig, src: str) -> None:
+    """data.dataset (one name or a non-empty list of distinct names), data.source_sampling and
+    eval.dataset; multi-source training is episodic only."""
+    d = cfg.data
+    names = d.sources
+    if not names or any(not n.strip() for n in names):
+        raise ConfigError(f"config key 'data.dataset' must name a dataset or a non-empty list of "
+                          f"datasets, found {d.dataset!r}{src}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"config key 'data.dataset' lists {dup[0]!r} twice{src}; name each "
+                          f"source once")
+    if d.source_sampling not in ("uniform", "size"):
+        raise ConfigError(f"config key 'data.source_sampling' must be 'uniform' or 'size', found "
+                          f"{d.source_sampling!r}{src}")
+    if cfg.eval.dataset is not None and not cfg.eval.dataset.strip():
+        raise ConfigError(f"config key 'eval.dataset' is empty{src}; name a prepared dataset or "
+                          f"leave it unset")
+    kind = getattr(get_learner(cfg.learner.name), "input_kind", "episodes") if len(names) > 1 \
+        else "episodes"
+    if kind != "episodes":
+        raise ConfigError(f"data.dataset = {names}: multi-source training draws single episodes, "
+                          f"but learner '{cfg.learner.name}' trains on {kind} batches{src}; give "
+                          f"one dataset")
 
 
 def config_from_dict(raw: Mapping[str, Any], where: str = "", check_learner: bool = True) -> RunConfig:
@@ -561,12 +606,15 @@ NON_SEMANTIC_LEARNER = {"task_batching"}
 def config_hash(cfg: RunConfig) -> str:
     """SHA-256 (first 16 hex digits) of everything in the config that shapes the weights.
 
-    The [eval] table and the keys in :data:`NON_SEMANTIC` (run length, logging, device,
-    data location) and :data:`NON_SEMANTIC_LEARNER` are left out, so a run may be resumed with more episodes or on
+    The [eval] table, ``data.source_sampling`` of a single-source run, and the keys in
+    :data:`NON_SEMANTIC` (run length, logging, device, data location) and
+    :data:`NON_SEMANTIC_LEARNER` are left out, so a run may be resumed with more episodes or on
     another device.
     """
     d = cfg.to_dict()
     d.pop("eval")
+    if len(cfg.data.sources) == 1:  # no effect with one source (and hashes of older runs hold)
+        d["data"].pop("source_sampling", None)
     for table, key in NON_SEMANTIC:
         d[table].pop(key, None)
     for key in NON_SEMANTIC_LEARNER:

@@ -45,7 +45,7 @@ def embed(run, *, ways: int = 5, shots: int = 5, queries: int = 15, episode: int
     split = split or cfg.eval_split()
     if episode < 0:
         raise ConfigError(f"--episode must be >= 0, got {episode}")
-    store = open_split(cfg.data.dataset, split, cfg.data.root, cfg.data.in_memory)
+    store = open_split(cfg.data.sources[0], split, cfg.data.root, cfg.data.in_memory)
     try:
         check_grid(store, [ways], [shots], queries, what=f"embed episode on split '{split}'")
         learner, step, which = run.load_learner(checkpoint, device=device)
@@ -59,6 +59,6 @@ def embed(run, *, ways: int = 5, shots: int = 5, queries: int = 15, episode: int
         zq = f(ep.query_x).reshape(ep.query_x.shape[0], -1).float().cpu()
     path = Path(out) if out else Path(run.run_dir) / "plots" / "embedding.png"
     title = (f"{cfg.learner.name} ({which}, step {step}): {ways}-way {shots}-shot episode {episode} "
-             f"of {cfg.data.dataset}/{split}")
+             f"of {cfg.data.sources[0]}/{split}")
     return plot_embedding(zs.numpy(), ep.support_y.cpu().numpy(), zq.numpy(), ep.query_y.cpu().numpy(),
                           path, title=title, method=method, seed=cfg.eval.seed)

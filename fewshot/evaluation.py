@@ -17,7 +17,9 @@ so the table is identical to a single process's. Without torch.distributed, (ran
 is (0, 1).
 
 A run (:func:`evaluate_run`): episodic learners on the grid above; supervised learners by
-top-1 and top-k accuracy over every image of the split (:func:`evaluate_supervised`).
+top-1 and top-k accuracy over every image of the split (:func:`evaluate_supervised`); on
+another dataset than the training one (cross-domain), its images converted to the run's
+image shape (:mod:`fewshot.data.conform`).
 Imports: run, report, config, data, learners, distributed, plots, errors (never the trainer
 or the API).
 """
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from fewshot import distributed
+from fewshot.data.conform import conform_store, describe_conversion
 from fewshot.data.episodes import fixed_episodes
 from fewshot.data.store import open_split
 from fewshot.data.supervised import SupervisedAdapter
@@ -46,7 +49,7 @@ from fewshot.run import Run, resolve_device
 
 __all__ = ["check_grid", "grid_cells", "episode_fingerprint", "shard_indices",
            "gather_accuracies", "evaluate_episodes", "evaluate_grid", "bn_probe",
-           "evaluate_run", "evaluate_supervised", "supervised_topk_correct",
+           "evaluate_run", "run_image_shape", "evaluate_supervised", "supervised_topk_correct",
            "validation_accuracy", "validation_accuracy_supervised"]
 
 
@@ -307,8 +310,16 @@ def evaluate_run(run: Run, *, ways: Optional[Sequence[int]] = None, shots: Optio
                  queries: Optional[int] = None, episodes: Optional[int] = None,
                  split: Optional[str] = None, seed: Optional[int] = None,
                  checkpoint: Optional[str] = None, device=None, quiet: bool = True,
-                 learner=None, write: bool = True, rank: int = 0, world: int = 1) -> GridResult:
+                 learner=None, write: bool = True, rank: int = 0, world: int = 1,
+                 dataset: Optional[str] = None) -> GridResult:
     """Evaluate a run's weights on the grid (arguments default to the run's [eval] table).
+
+    ``dataset`` (default ``eval.dataset``, else the run's first training dataset) may name
+    another prepared dataset (cross-domain): its images are brought to the run's image shape
+    by :func:`fewshot.data.conform.conform_store` (PIL mode conversion, RGB -> L by ITU-R
+    601-2 luma or L -> RGB by repetition, then Lanczos) and normalised, as every evaluated
+    split is, by the split's own per-channel mean/std, recomputed after the conversion. The
+    results record both datasets (``dataset``, ``train_dataset``) and the conversion.
 
     ``learner`` given (the trainer's, at the end of training) is used as is only when
     ``checkpoint`` is "last"; otherwise the chosen checkpoint is loaded. Results go to
@@ -325,8 +336,8 @@ def evaluate_run(run: Run, *, ways: Optional[Sequence[int]] = None, shots: Optio
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"--checkpoint must be best or last, got {checkpoint!r}")
     dev = resolve_device(str(device) if device is not None else cfg.train.device)
-    store = open_split(cfg.data.dataset, split, cfg.data.root, cfg.data.in_memory)
     kind = run.state.get("input_kind", "episodes")
+    dataset, store, conversion = _evaluation_store(run, dataset or cfg.eval_dataset(), split)
     try:
         if kind != "supervised":
             check_grid(store, ways, shots, queries, what=f"eval grid on split '{split}'")
@@ -340,15 +351,45 @@ def evaluate_run(run: Run, *, ways: Optional[Sequence[int]] = None, shots: Optio
         else:
             grid = evaluate_grid(learner, store, ways=ways, shots=shots, queries=queries,
                                  episodes=episodes, seed=seed, device=dev, quiet=quiet,
-                                 dataset=cfg.data.dataset, split=split, checkpoint=label, step=step,
+                                 dataset=dataset, split=split, checkpoint=label, step=step,
                                  rank=rank, world=world)
     finally:
         store.close()
     grid.run_dir, grid.learner = str(run.run_dir), cfg.learner.name
+    grid.train_dataset = "+".join(cfg.data.sources)
+    if conversion != "none":
+        grid.extra["conversion"] = conversion
     if write and rank == 0:
         _write_grid(grid, run.run_dir)
     run.results = grid
     return grid
+
+
+def run_image_shape(run: Run) -> Optional[Tuple[int, int, int]]:
+    """(H, W, C) of the images the run's learner was trained on (run.json), or None for a run
+    that never started; runs written before ``image_shape`` was recorded give
+    (image_size, image_size, in_channels)."""
+    shape = run.state.get("image_shape")
+    if shape:
+        return tuple(int(v) for v in shape)
+    d = run.state.get("data_shape")
+    return (int(d["image_size"]), int(d["image_size"]), int(d["in_channels"])) if d else None
+
+
+def _evaluation_store(run: Run, dataset: str, split: str):
+    """(``dataset``, its split ``split`` in the run's image shape, the conversion applied);
+    a supervised learner is refused another dataset (it classifies its training classes)."""
+    cfg = run.config
+    if run.state.get("input_kind") == "supervised" and dataset not in cfg.data.sources:
+        raise ConfigError(f"--dataset {dataset}: supervised learner '{cfg.learner.name}' "
+                          f"classifies the classes of {cfg.data.dataset}; cross-domain evaluation "
+                          f"needs an episodic learner")
+    store = open_split(dataset, split, cfg.data.root, cfg.data.in_memory)
+    shape = run_image_shape(run)
+    if shape is None or tuple(store.image_shape) == shape:
+        return dataset, store, "none"
+    conversion = describe_conversion(store.image_shape, shape)
+    return dataset, conform_store(store, shape), conversion
 
 
 def _write_grid(grid: GridResult, run_dir) -> None:

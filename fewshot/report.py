@@ -21,6 +21,11 @@ per-sample values): the supervised evaluation stores its per-image top-1 correct
 ``accuracies`` and the per-image top-k correctness (k = min(5, classes)) as
 ``metrics["top-5"]``, each summarised with the same ``mean ± ci95`` over images. Files
 written before this field existed load with ``metrics = {}``.
+
+``GridResult.train_dataset`` records the dataset(s) the weights were trained on ("a+b" for a
+multi-source run) next to ``dataset``, the evaluated one: always in ``results.json``; in
+``results.csv`` (a ``train_dataset`` column) and ``results.md`` (a note with the image
+conversion) when the two differ. :func:`compare` refuses grids of different evaluation datasets.
 """
 from __future__ import annotations
 
@@ -117,6 +122,9 @@ class GridResult:
     fine_tunes: bool = False      # predict() fine-tuned on the support set
     run_dir: Optional[str] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    # the dataset(s) the weights were trained on ("a+b" for several sources); "" in files
+    # written before it was recorded. Differs from ``dataset`` for a cross-domain evaluation.
+    train_dataset: str = ""
 
     def cell(self, ways: int, shots: int) -> CellResult:
         for c in self.cells:
@@ -207,6 +215,9 @@ def markdown_table(grid: GridResult, title: Optional[str] = None) -> str:
         notes = [f"accuracy % ± 95% CI (1.96·sample std/√n) over {', '.join(map(str, n))} fixed "
                  f"episodes of split '{grid.split}' of {grid.dataset}, "
                  f"{grid.cells[0].queries if grid.cells else 0} queries per class"]
+    if _cross_domain(grid):
+        notes.append(f"trained on {grid.train_dataset}, evaluated on {grid.dataset} (image "
+                     f"conversion: {grid.extra.get('conversion', 'none')})")
     notes.append("BatchNorm: " + ("transductive (query-batch statistics)" if grid.transductive_bn
                                   else "running statistics / none"))
     notes.append("fine-tunes on the support set" if grid.fine_tunes else "no test-time fine-tuning")
@@ -218,12 +229,20 @@ def markdown_table(grid: GridResult, title: Optional[str] = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cross_domain(grid: GridResult) -> bool:
+    """The weights were trained on other data than the evaluated dataset (cross-domain or
+    multi-source); files written before ``train_dataset`` was recorded say nothing."""
+    return bool(grid.train_dataset) and grid.train_dataset != grid.dataset
+
+
 def _csv_text(grid: GridResult) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     extra = metric_names(grid.cells)  # extra columns only where a cell has extra metrics
+    cross = _cross_domain(grid)  # a train_dataset column only where it differs from dataset
     w.writerow(["learner", "dataset", "split", "ways", "shots", "queries", "episodes", "seed",
                 "mean", "std", "ci95", "transductive_bn", "fine_tunes", "fingerprint"]
+               + (["train_dataset"] if cross else [])
                + [f"{m} {s}" for m in extra for s in ("mean", "std", "ci95")])
     for c in grid.cells:
         more = []
@@ -231,7 +250,8 @@ def _csv_text(grid: GridResult) -> str:
             more += [repr(x) for x in c.metric_stats(m)] if m in c.metrics else ["", "", ""]
         w.writerow([grid.learner, grid.dataset, grid.split, c.ways, c.shots, c.queries,
                     c.episodes, c.seed, repr(c.mean), repr(c.std), repr(c.ci95),
-                    int(grid.transductive_bn), int(grid.fine_tunes), c.fingerprint] + more)
+                    int(grid.transductive_bn), int(grid.fine_tunes), c.fingerprint]
+                   + ([grid.train_dataset] if cross else []) + more)
     return buf.getvalue()
 
 
@@ -296,15 +316,22 @@ class Comparison:
         return asdict(self)
 
 
+def _trained_on(grid: GridResult) -> str:
+    return f" (trained on {grid.train_dataset})" if grid.train_dataset else ""
+
+
 def compare(a: GridResult, b: GridResult, name_a: str = "A", name_b: str = "B") -> Comparison:
     """Paired per-cell comparison of two grids evaluated on the same episodes.
 
     Raises :class:`FewShotError` when the grids were evaluated on different episodes
-    (another dataset, split, seed, shape, count or episode fingerprint).
+    (another evaluation dataset, whatever the training datasets, or another split, seed,
+    shape, count or episode fingerprint).
     """
     if (a.dataset, a.split) != (b.dataset, b.split):
-        raise FewShotError(f"cannot compare: {name_a} was evaluated on {a.dataset}/{a.split}, "
-                           f"{name_b} on {b.dataset}/{b.split}; evaluate both on the same split")
+        raise FewShotError(f"cannot compare: {name_a} was evaluated on {a.dataset}/{a.split}"
+                           f"{_trained_on(a)}, {name_b} on {b.dataset}/{b.split}{_trained_on(b)}; "
+                           f"evaluate both on the same dataset and split (fewshot eval RUN "
+                           f"--dataset NAME --split SPLIT)")
     cb = {c.key: c for c in b.cells}
     common = [c for c in a.cells if c.key in cb]
     if not common:

@@ -22,6 +22,12 @@ is gathered into pinned memory and copied with ``non_blocking=True`` on a side s
 step k runs; checkpoints record the sampler state of the first batch not yet trained on, so
 resume stays exact.
 
+Multi-source training (``data.dataset`` a list): every source's train and val stores are
+brought to the first source's image shape and episodes come from a
+:class:`~fewshot.data.multisource.MultiSourceSampler` (each episode from one source), validated
+on fixed episodes split evenly over the sources' val splits; see
+:mod:`fewshot.data.multisource`.
+
 Validation runs on fixed, seeded episodes of the val split; the weights with the best
 validation accuracy are kept as ``checkpoints/best.pt`` (the test split is never used for
 selection). ``checkpoints/last.pt`` is written every ``checkpoint_every`` steps, at the
@@ -59,7 +65,10 @@ from fewshot import checkpoint as ckpt
 from fewshot import distributed
 from fewshot.atomic import atomic_write_text
 from fewshot.config import config_hash, load_config, save_config
-from fewshot.data.episodes import DisjointPairSampler, fixed_episodes, make_sampler
+from fewshot.data.conform import conform_store
+from fewshot.data.episodes import DisjointPairSampler, make_sampler
+from fewshot.data.multisource import (MultiSourceSampler, chained_episodes, check_source_classes,
+                                      check_sources_prepared, source_probabilities)
 from fewshot.data.prefetch import BatchFeed
 from fewshot.data.store import open_split
 from fewshot.data.supervised import SupervisedAdapter
@@ -327,20 +336,30 @@ class Trainer:
         self.base_lrs: Dict[str, List[float]] = {}
         self.val_eps = None
         if self.kind != "supervised":
-            self.val_eps = fixed_episodes(self.val_store, self.val_ways, self.val_shots, t.queries,
-                                          t.val_episodes, t.seed + 7919, device=self.device)
+            self.val_eps = chained_episodes(self.val_stores, self.val_ways, self.val_shots,
+                                            t.queries, t.val_episodes, t.seed + 7919,
+                                            device=self.device)
 
     def _open_stores(self):
+        """The train and val stores of every source (one, or several for multi-source
+        training), each conformed to the first source's training image shape."""
         d = self.config.data
-        self.train_store = open_split(d.dataset, d.train_split, d.root, d.in_memory)
-        self.val_store = open_split(d.dataset, d.val_split, d.root, d.in_memory)
-        shape = self.train_store.image_shape
+        if len(d.sources) > 1:
+            check_sources_prepared(d.sources, d.root)
+        self.train_stores = [open_split(n, d.train_split, d.root, d.in_memory) for n in d.sources]
+        shape = self.train_stores[0].image_shape
+        self.train_stores = [conform_store(s, shape, d.in_memory) for s in self.train_stores]
+        self.val_stores = [conform_store(open_split(n, d.val_split, d.root, d.in_memory), shape,
+                                         d.in_memory) for n in d.sources]
+        self.train_store, self.val_store = self.train_stores[0], self.val_stores[0]
+        self.image_shape = [int(v) for v in shape]
         self.data_shape = {"in_channels": int(shape[2]), "image_size": int(shape[0]),
-                           "num_classes": int(self.train_store.num_classes)}
+                           "num_classes": int(sum(s.num_classes for s in self.train_stores))}
 
     def _check_feasible(self, learner_kind: str):
         t, e, d = self.config.train, self.config.eval, self.config.data
-        test = open_split(d.dataset, self.config.eval_split(), d.root, in_memory=False)
+        test = open_split(self.config.eval_dataset(), self.config.eval_split(), d.root,
+                          in_memory=False)
         try:
             if learner_kind != "supervised":
                 check_grid(test, e.ways, e.shots, e.queries,
@@ -349,15 +368,22 @@ class Trainer:
             test.close()
         if learner_kind == "supervised":
             return
+        multi = len(self.train_stores) > 1
         if not t.variable:
-            check_grid(self.train_store, _as_list(t.ways), _as_list(t.shots), t.queries,
-                       what="training tasks (train.ways/shots/queries)")
+            if multi:
+                check_source_classes(self.train_stores, max(_as_list(t.ways)), "train.ways")
+            for store in self.train_stores:
+                check_grid(store, _as_list(t.ways), _as_list(t.shots), t.queries,
+                           what="training tasks (train.ways/shots/queries)")
         if learner_kind == "pairs" and t.pair and not t.pair.get("variable", t.variable):
             check_grid(self.train_store, _as_list(t.pair.get("ways", t.ways)),
                        _as_list(t.pair.get("shots", t.shots)), t.pair.get("queries", t.queries),
                        what="second training task (train.pair)")
-        check_grid(self.val_store, [self.val_ways], [self.val_shots], t.queries,
-                   what=f"validation episodes on split '{d.val_split}' (train.val_ways/val_shots)")
+        if multi:
+            check_source_classes(self.val_stores, self.val_ways, "validation (train.val_ways)")
+        for store in self.val_stores:
+            check_grid(store, [self.val_ways], [self.val_shots], t.queries,
+                       what=f"validation episodes on split '{d.val_split}' (train.val_ways/val_shots)")
 
     def _check_learner_tasks(self, kind: str) -> None:
         """A learner's own limits on its training tasks (e.g. MTL's k sub-batches), checked
@@ -382,6 +408,10 @@ class Trainer:
     def _build_sampler(self, kind: str, seed: int):
         t, dev, aug = self.config.train, self.device, self.config.data.augment
         first = _task_spec(t.ways, t.shots, t.queries, t.variable)
+        if kind == "episodes" and len(self.train_stores) > 1:
+            p = source_probabilities(self.train_stores, self.config.data.source_sampling)
+            return MultiSourceSampler(self.train_stores, first, p, seed=seed, device=dev,
+                                      augment=aug)
         if kind == "episodes":
             return make_sampler(self.train_store, first, seed=seed, device=dev, augment=aug)
         if kind == "pairs":
@@ -425,7 +455,8 @@ class Trainer:
         if self.kind == "supervised":
             self._batches = self.sampler.batches_from(prog.step, on_epoch=self._start_epoch)
         self.state = {"learner": cfg.learner.name, "input_kind": self.kind, "config_hash": self.hash,
-                      "data_shape": self.data_shape, "step": prog.step, "total_steps": prog.total,
+                      "data_shape": self.data_shape, "image_shape": self.image_shape,
+                      "step": prog.step, "total_steps": prog.total,
                       "best_val": prog.best_val, "best_step": prog.best_step, "complete": False,
                       "world": self.world}
         self._write_state()
@@ -628,7 +659,7 @@ class Trainer:
             from fewshot.plots import plot_training  # matplotlib is optional and slow to import
 
             plot_training(run.metrics(), self.run_dir / "plots" / "training.png",
-                          title=f"{cfg.learner.name} on {cfg.data.dataset}")
+                          title=f"{cfg.learner.name} on {'+'.join(cfg.data.sources)}")
         except FewShotError:
             raise
         except Exception as e:  # plotting must not lose a finished run

@@ -170,7 +170,33 @@ def _as_ints(name: str, v) -> Tuple[int, ...]:
     return vals
 
 
-class _Sampler(abc.ABC):
+class CountedSampling:
+    """The counter over ``self.episode(index)`` that every episode sampler shares (the
+    single-store samplers here and :class:`~fewshot.data.multisource.MultiSourceSampler`):
+    ``sample`` returns episode ``self.index`` and moves the counter, so the counter alone is
+    the resume point."""
+
+    index: int
+
+    def episode(self, index: int) -> Episode:  # pragma: no cover - defined by the samplers
+        raise NotImplementedError
+
+    def sample(self) -> Episode:
+        """The next episode."""
+        ep = self.episode(self.index)
+        self.index += 1
+        return ep
+
+    def sample_batch(self, n: int) -> List[Episode]:
+        """The next ``n`` episodes (one meta-batch)."""
+        return [self.sample() for _ in range(int(n))]
+
+    def __iter__(self) -> Iterator[Episode]:
+        while True:
+            yield self.sample()
+
+
+class _Sampler(CountedSampling, abc.ABC):
     """Shared machinery: store access, seeding, gather-and-convert, state, iteration.
 
     Args (common to every sampler):
@@ -377,20 +403,6 @@ class _Sampler(abc.ABC):
         """Episode ``index`` of this sampler's sequence (does not move the counter)."""
         g = _generator(self.seed, index)
         return self.materialize(self.plan(g), g)
-
-    def sample(self) -> Episode:
-        """The next episode."""
-        ep = self.episode(self.index)
-        self.index += 1
-        return ep
-
-    def sample_batch(self, n: int) -> List[Episode]:
-        """The next ``n`` episodes (one meta-batch)."""
-        return [self.sample() for _ in range(int(n))]
-
-    def __iter__(self) -> Iterator[Episode]:
-        while True:
-            yield self.sample()
 
     def state_dict(self) -> Dict[str, Any]:
         """Resume point: ``{"seed", "index"}`` (plain ints, safe for ``weights_only`` loads)."""
