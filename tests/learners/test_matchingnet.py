@@ -141,16 +141,19 @@ def test_gradients_match_finite_differences():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fce", [False, True])
-def test_learns_glyphs(learn_glyphs, fce):
+@pytest.mark.parametrize("fce, hidden, lr, steps, margin", [(False, 32, 1e-3, 200, 0.10),
+                                                            (True, 16, 3e-3, 100, 0.21)])
+def test_learns_glyphs(learn_glyphs, fce, hidden, lr, steps, margin):
     torch.manual_seed(0)
     cls = get_learner("matchingnet")
-    learner = cls(cls.Config(lr=3e-3, fce=fce, backbone_options={"hidden": 16}), in_channels=1,
+    learner = cls(cls.Config(lr=lr, fce=fce, backbone_options={"hidden": hidden}), in_channels=1,
                   image_size=28)
-    before, after = learn_glyphs(learner, steps=100)
-    # 5-way 1-shot, chance 0.2; measured (torch 2.14 CPU): no FCE 0.52 -> 0.79, FCE 0.53 -> 0.77;
-    # the threshold is ProtoNet's (half its measured gain)
-    assert after - before > 0.14, (before, after)
+    before, after = learn_glyphs(learner, steps=steps)
+    # 5-way 1-shot, chance 0.2; measured (torch 2.14 CPU): without FCE 0.49 -> 0.69 (the paper's
+    # unscaled cosines of non-negative ReLU features cap a 5-way 1-shot ŷ at e/(e+4) = 0.40, so
+    # it learns slowly), with FCE 0.28 -> 0.71 (the untrained LSTMs scramble the embedding);
+    # each threshold keeps half the measured gain as margin, as ProtoNet's test
+    assert after - before > margin, (before, after)
 
 
 def test_state_dict_round_trip_with_fce(tiny_net, make_episode):
