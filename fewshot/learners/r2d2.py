@@ -13,7 +13,9 @@ layer's scale α and bias β (sec. 3.2; a ridge regressor's outputs are not cali
     Ŷ' = α X' W + β.
 
 λ, α and β are meta-parameters learned with φ by Adam on the cross-entropy of Ŷ' against
-the query labels (sec. 3.2, 4). Details from the authors' code (github.com/bertinetto/r2d2),
+the query labels (sec. 3.2, 4). (β adds the same number to every score of a query, which the
+softmax cross-entropy cannot see: its gradient is zero and it stays at its initial value; it
+is kept as the paper writes the predictor.) Details from the authors' code (github.com/bertinetto/r2d2),
 where the paper is silent:
 
 * X gets a column of ones, so the ridge regressor has a bias row (regularised like W);
