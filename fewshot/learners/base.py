@@ -17,7 +17,6 @@ the support set first where the method's paper evaluates that way.
 from __future__ import annotations
 
 import abc
-import copy
 import functools
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Dict, Iterable, Optional, Tuple
@@ -245,8 +244,8 @@ class _Snapshot:
 
     def __init__(self, learner: Learner):
         self.tensors = [(t, t.detach().clone()) for t in _state_tensors(learner)]
-        self.optimizers = {k: copy.deepcopy(o.state_dict()) for k, o in learner.optimizers.items()}
-        self.schedulers = {k: copy.deepcopy(s.state_dict()) for k, s in learner.schedulers.items()
+        self.optimizers = {k: _copied(o.state_dict()) for k, o in learner.optimizers.items()}
+        self.schedulers = {k: _copied(s.state_dict()) for k, s in learner.schedulers.items()
                            if s is not None}
         self.steps_done = learner.steps_done
 
@@ -259,6 +258,18 @@ class _Snapshot:
         for k, state in self.schedulers.items():
             learner.schedulers[k].load_state_dict(state)
         learner.steps_done = self.steps_done
+
+
+def _copied(state):
+    """A state dict with its tensors, dicts and lists copied (``copy.deepcopy`` costs ten
+    times as much on an optimiser's state)."""
+    if torch.is_tensor(state):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: _copied(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_copied(v) for v in state]
+    return state
 
 
 def _state_tensors(learner: Learner):

@@ -20,6 +20,14 @@ from .any_learner import build, first_images, make_batch, option_names, state_by
 HUGE = 1e30
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _step_size_options(name: str):
     """Options that size a training update (not the test-time fine-tuning ones)."""
     return sorted(n for n in option_names(name)
@@ -62,7 +70,6 @@ def test_a_step_with_a_nan_image_leaves_the_learner_as_it_was(name):
 
 @pytest.mark.parametrize("name", list(list_learners()))
 def test_a_step_with_huge_step_sizes_leaves_the_learner_as_it_was(name):
-    torch.set_num_threads(1)
     learner = _build_with_huge_steps(name)
     if learner is None:
         pytest.skip(f"{name} has no step-size option; the NaN-image test covers it")
