@@ -58,6 +58,12 @@ def host_label_span(y: Tensor) -> Optional[Tuple[int, int]]:
     return int(a.min()), int(a.max())
 
 
+def read_on_cpu(flag: Tensor) -> Optional[bool]:
+    """``bool(flag)`` where reading it costs nothing (a tensor on the host); None on an
+    accelerator, where reading it would make the host wait for the device."""
+    return bool(flag) if flag.device.type == "cpu" else None
+
+
 def require(cond: bool, message: str) -> None:
     """Raise :class:`ConfigError` with ``message`` unless ``cond``."""
     if not cond:

@@ -43,12 +43,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.errors import ConfigError, TrainingError
-from fewshot.learners.base import accuracy, require
+from fewshot.learners.base import accuracy, read_on_cpu, require
 from fewshot.learners.registry import register_learner
 from fewshot.learners.standard import SupervisedConfig, SupervisedLearner
 
 _ADAPT = ("all", "conv", "fc", "first_conv", "last_fc")
 _NEGATIVE = ("clamp", "error", "allow")
+_NEVER = 2 ** 62  # no step recorded (alpha_negative="error" on an accelerator)
 _LAYER_WORDS = {"conv": "convolutional (nn.Conv*)", "fc": "fully-connected (nn.Linear)",
                 "all": "convolutional or fully-connected"}
 _LAYER_WORDS.update(first_conv=_LAYER_WORDS["conv"], last_fc=_LAYER_WORDS["fc"])
@@ -133,6 +134,8 @@ class MLTP(SupervisedLearner):
     """
 
     Config = MLTPConfig
+    #: alpha_negative="error" on an accelerator: first step with a negative α, on the device
+    _negative_alpha_at: Optional[Tensor] = None
     description = ("MLTP: meta-learning based training (two half-batch tasks, one inner step, "
                    "learned per-layer α), second order, all layers")
     paper = ("Deng & Zhang, Is the Meta-Learning Idea Able to Improve the Generalization of Deep "
@@ -294,12 +297,33 @@ class MLTP(SupervisedLearner):
                 "alpha_mean": alphas.mean(), "alpha_min": alphas.min()}
 
     def _refuse_negative_alpha(self) -> None:
-        for name, a in self.step_sizes().items():
-            if bool((a.detach() < 0).any()):
-                raise TrainingError(
-                    f"learner '{self.name}': step size α of layer '{name}' turned negative "
-                    f"({float(a.detach().min()):.3g}) at step {self.steps_done}; set "
-                    f"alpha_negative='clamp' (project onto α >= 0) or lower 'lr'")
+        """alpha_negative='error': stop when the update drove some α below 0 (the failed step
+        is undone, :class:`~fewshot.learners.base.Learner`). On the CPU at once; on an
+        accelerator reading α would make the host wait every step, so the first such step is
+        recorded on the device (no wait) and read when the learner is checkpointed
+        (:meth:`state_dict`: the trainer checkpoints periodically and at the end)."""
+        negative = (self.inner.alpha.detach() < 0).any()
+        now = read_on_cpu(negative)
+        if now:
+            self._raise_negative_alpha(self.steps_done)
+        if now is None:
+            mark = torch.where(negative, self.steps_done, _NEVER)
+            first = self._negative_alpha_at
+            self._negative_alpha_at = mark if first is None else torch.minimum(first, mark)
+
+    def _raise_negative_alpha(self, step: int) -> None:
+        negative = [name for name, a in self.step_sizes().items() if bool((a.detach() < 0).any())]
+        low = float(self.inner.alpha.detach().min())
+        raise TrainingError(
+            f"learner '{self.name}': step size α of layer '{(negative or ['?'])[0]}' turned "
+            f"negative ({low:.3g}) at step {step}; set alpha_negative='clamp' (project onto "
+            f"α >= 0) or lower 'lr'")
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        first = self._negative_alpha_at
+        if first is not None and int(first) != _NEVER:  # one host read per checkpoint
+            self._raise_negative_alpha(int(first))
+        return super().state_dict(*args, **kwargs)
 
 
 def _add_to_grads(pairs) -> None:
