@@ -10,7 +10,6 @@ scheduler states and step count must be bitwise those from before the failed ste
 from __future__ import annotations
 
 import pytest
-import torch
 
 from fewshot.errors import ConfigError, TrainingError
 from fewshot.learners import list_learners
@@ -19,13 +18,7 @@ from .any_learner import build, first_images, make_batch, option_names, state_by
 
 HUGE = 1e30
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _step_size_options(name: str):
