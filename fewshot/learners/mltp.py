@@ -26,7 +26,8 @@ Choices where the paper is silent (reasons: ``docs/learners.md``):
 
 * ``alpha_negative``: ``"clamp"`` (default) projects α onto α ≥ 0 after every optimiser step
   and after the initial draw; ``"error"`` raises :class:`~fewshot.errors.TrainingError`
-  naming the layer when an update drives α below 0; ``"allow"`` keeps signed α (Meta-SGD).
+  naming the layer when an update drives α below 0 (on an accelerator at the next
+  checkpoint: ``MLTP._refuse_negative_alpha``); ``"allow"`` keeps signed α (Meta-SGD).
 * BatchNorm: batch statistics in both forwards; the running statistics are updated once per
   iteration, by the task_j forward at w' (``bn="running"``), and evaluation uses them with w.
 * Dropout draws independent masks in the two forwards.
