@@ -313,12 +313,14 @@ class MLTP(SupervisedLearner):
             self._negative_alpha_at = mark if first is None else torch.minimum(first, mark)
 
     def _raise_negative_alpha(self, step: int) -> None:
-        negative = [name for name, a in self.step_sizes().items() if bool((a.detach() < 0).any())]
-        low = float(self.inner.alpha.detach().min())
+        """TrainingError for a negative α first seen after step ``step`` (names the layers
+        whose α is negative now and the lowest α)."""
+        names = [n for n, a in self.step_sizes().items() if bool((a.detach() < 0).any())]
+        layers = ", ".join(f"'{n}'" for n in names) or "a layer"
         raise TrainingError(
-            f"learner '{self.name}': step size α of layer '{(negative or ['?'])[0]}' turned "
-            f"negative ({low:.3g}) at step {step}; set alpha_negative='clamp' (project onto "
-            f"α >= 0) or lower 'lr'")
+            f"learner '{self.name}': step size α of layer {layers} turned negative "
+            f"({float(self.inner.alpha.detach().min()):.3g}) at step {step}; set "
+            f"alpha_negative='clamp' (project onto α >= 0) or lower 'lr'")
 
     def state_dict(self, *args, **kwargs):  # type: ignore[override]
         first = self._negative_alpha_at
