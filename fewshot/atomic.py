@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import IO, Iterator, Union
 
@@ -15,7 +15,7 @@ def atomic_output(path: Union[str, os.PathLike], mode: str = "wb") -> Iterator[I
     """``with atomic_output(path, "w") as fh: fh.write(...)`` — ``path`` appears only complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = _new_temp(path)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
@@ -26,6 +26,19 @@ def atomic_output(path: Union[str, os.PathLike], mode: str = "wb") -> Iterator[I
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _new_temp(path: Path):
+    """(fd, name) of a new file beside ``path``, created with mode 0o666 less the umask, as
+    ``open`` creates files (``tempfile.mkstemp`` would make it 0o600, and ``os.replace`` keeps
+    the mode)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            return os.open(tmp, flags, 0o666), str(tmp)
+        except FileExistsError:  # another writer's name: draw again
+            continue
 
 
 def atomic_write_text(path: Union[str, os.PathLike], text: str) -> Path:

@@ -483,18 +483,9 @@ class InnerLoop(nn.Module):
             momentum = self._pairs[1][target[1]].module.momentum  # never None for per-step sets
             tasks = mean.shape[0]
             rm, rv, nbt = self._statistics_set(target)
-            n0 = int(nbt) if nbt is not None else 0
+            keep, w = _update_weights(momentum, nbt, tasks, mean.device)
             if nbt is not None:
                 nbt.add_(tasks)
-            if momentum is not None:
-                f = [float(momentum)] * tasks
-            else:
-                f = [1.0 / (n0 + i + 1) if nbt is not None else 0.0 for i in range(tasks)]
-            keep, weights = 1.0, [0.0] * tasks
-            for i in reversed(range(tasks)):
-                weights[i] = f[i] * keep
-                keep *= 1.0 - f[i]
-            w = torch.tensor(weights, dtype=torch.float64, device=mean.device).unsqueeze(1)
             rm.copy_((rm.double() * keep + (w * mean.double()).sum(0)).to(rm.dtype))
             rv.copy_((rv.double() * keep + (w * var.double()).sum(0)).to(rv.dtype))
 
@@ -643,6 +634,28 @@ class InnerLoop(nn.Module):
 TASK_BATCHING = ("auto", "on", "off")
 _log = logging.getLogger("fewshot.inner_loop")
 _logged_fallback = set()
+
+
+def _update_weights(momentum: Optional[float], count: Optional[Tensor], tasks: int,
+                    device: torch.device) -> Tuple[Union[float, Tensor], Tensor]:
+    """(keep, w) with T updates r ← (1 − f_i) r + f_i s_i = r·keep + Σ_i w_i s_i, w (T, 1).
+
+    keep = Π_i(1 − f_i), w_i = f_i Π_{u>i}(1 − f_u); f_i = momentum, or (momentum None) the
+    cumulative average 1/n_i with n_i = count + i + 1, computed on the count's device (reading
+    the count on the host would make it wait for the device once per layer and forward); no
+    count and no momentum: no update. Products are taken from the last task back, in float64.
+    """
+    f64 = dict(dtype=torch.float64, device=device)
+    if momentum is None and count is not None:
+        f = 1.0 / (count.to(**f64) + torch.arange(1, tasks + 1, **f64))
+        kept = torch.cumprod((1.0 - f).flip(0), 0).flip(0)  # Π_{u>=i}(1 − f_u)
+        return kept[0], (f * torch.cat([kept[1:], kept.new_ones(1)])).unsqueeze(1)
+    f = float(momentum) if momentum is not None else 0.0
+    keep, weights = 1.0, [0.0] * tasks
+    for i in reversed(range(tasks)):
+        weights[i] = f * keep
+        keep *= 1.0 - f
+    return keep, torch.tensor(weights, **f64).unsqueeze(1)
 
 
 def task_shapes(tasks: Sequence[Sequence[Tensor]]) -> List[tuple]:

@@ -175,7 +175,10 @@ def _pca(z: np.ndarray) -> np.ndarray:
 def plot_embedding(z_support, y_support, z_query, y_query, path, title: str = "",
                    method: str = "tsne", seed: int = 0) -> Tuple[Path, str]:
     """Supports as stars, queries as dots, one colour per class, in a joint 2-D projection
-    (:func:`project_2d` with ``method`` and ``seed``)."""
+    (:func:`project_2d` with ``method`` and ``seed``). The legend names the two markers and
+    the classes; the title ends with the projection used."""
+    from matplotlib.lines import Line2D
+
     z = np.concatenate([np.asarray(z_support), np.asarray(z_query)], 0)
     y2, used = project_2d(z, method, seed)
     s = len(z_support)
@@ -192,6 +195,14 @@ def plot_embedding(z_support, y_support, z_query, y_query, path, title: str = ""
                    linewidths=0.8, label=f"class {int(k)}")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title or f"support (stars) and query (dots) embeddings, {used.upper()}")
-    ax.legend(fontsize=7, loc="best", markerscale=0.5)
+    projection = f"{_PROJECTION_NAMES[used]} of the embeddings"
+    ax.set_title(f"{title}\n{projection}" if title else projection, fontsize=9)
+    markers = [Line2D([], [], linestyle="", marker="*", markersize=11, color="0.6",
+                      markeredgecolor="black", label="support"),
+               Line2D([], [], linestyle="", marker="o", markersize=5, color="0.6", label="query")]
+    classes, _ = ax.get_legend_handles_labels()
+    ax.legend(handles=markers + classes, fontsize=7, loc="best", markerscale=0.5)
     return _save(fig, path), used
+
+
+_PROJECTION_NAMES = {"tsne": "t-SNE", "pca": "PCA"}

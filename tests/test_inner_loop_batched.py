@@ -31,8 +31,11 @@ def tasks(seed=1):
     return sx, torch.randint(0, WAYS, (T, S), generator=g), qx, torch.randint(0, WAYS, (T, Q), generator=g)
 
 
-def run(mode, first_order, optimizer, learn, adapt, bn, steps=2, train=True):
+def run(mode, first_order, optimizer, learn, adapt, bn, steps=2, train=True, momentum=0.1):
     net = conv4()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = momentum  # None: cumulative average over num_batches_tracked
     loop = InnerLoop(net, steps=steps, lr=0.1, learn_lr=learn, first_order=first_order,
                      optimizer=optimizer, bn=bn, adapt=adapt)
     net.train(train)
@@ -95,6 +98,17 @@ def test_running_statistics_updated_in_task_order_and_read_in_eval():
     seq_eval = run("seq", False, "sgd", False, "all", "running", train=False)
     bat_eval = run("bat", False, "sgd", False, "all", "running", train=False)
     torch.testing.assert_close(bat_eval[0], seq_eval[0])
+
+
+def test_cumulative_average_running_statistics_match_sequential():
+    """BatchNorm with momentum=None (running statistics = the mean over all batches so far,
+    weights 1/n_i from num_batches_tracked, n_i = 1, 2, 3 for the T = 3 tasks): batched
+    updates equal nn.BatchNorm's own sequential ones."""
+    seq = run("seq", False, "sgd", False, "all", "running", momentum=None)[2]
+    bat = run("bat", False, "sgd", False, "all", "running", momentum=None)[2]
+    for k in seq:
+        torch.testing.assert_close(bat[k], seq[k], rtol=1e-12, atol=1e-14, msg=k)
+    assert int(bat["backbone.blocks.0.bn.num_batches_tracked"]) == T
 
 
 def test_non_differentiable_batched_adaptation_keeps_no_graph():

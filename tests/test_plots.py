@@ -81,3 +81,55 @@ def test_cli_and_api_default_to_tsne():
     assert inspect.signature(embed).parameters["method"].default == "tsne"
     with pytest.raises(ConfigError, match="invalid choice: 'auto'"):  # no silent PCA fallback
         build_parser().parse_args(["embed", "RUN", "--method", "auto"])
+
+
+def _drawn(monkeypatch):
+    """Capture the title and legend texts of the figure ``plot_embedding`` saves."""
+    import fewshot.plots as plots
+
+    seen, real = {}, plots._save
+
+    def save(fig, path):
+        (ax,) = fig.axes
+        seen["title"] = ax.get_title()
+        seen["legend"] = [t.get_text() for t in ax.get_legend().get_texts()]
+        seen["markers"] = [h.get_marker() for h in ax.get_legend().legend_handles[:2]]
+        return real(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save)
+    return seen
+
+
+@pytest.mark.parametrize("method,name", [("tsne", "t-SNE"), ("pca", "PCA")])
+def test_embedding_plot_names_the_markers_and_the_projection(tmp_path, monkeypatch, method, name):
+    seen = _drawn(monkeypatch)
+    z, y = _clusters(k=3, per=6)
+    plot_embedding(z[::3], y[::3], z, y, tmp_path / "e.png", title="protonet (best, step 9)",
+                   method=method)
+    assert seen["title"] == f"protonet (best, step 9)\n{name} of the embeddings"
+    assert seen["legend"] == ["support", "query", "class 0", "class 1", "class 2"]
+    assert seen["markers"] == ["*", "o"]  # the markers the support and query points are drawn with
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=["022", "077", "002"])
+def test_plots_and_other_outputs_follow_the_umask(tmp_path, umask):
+    """Files written atomically get 0o666 less the umask, as ``open`` gives a new file."""
+    import os
+    import stat
+
+    from fewshot.atomic import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain.txt", "w") as fh:  # the reference: a file made by open()
+            fh.write("x")
+        png, _ = plot_embedding(*_clusters(k=3, per=2), *_clusters(k=3, per=2), tmp_path / "e.png",
+                                method="pca")
+        text = atomic_write_text(tmp_path / "run.json", "{}\n")
+    finally:
+        os.umask(old)
+    want = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert want == 0o666 & ~umask
+    assert stat.S_IMODE(png.stat().st_mode) == want
+    assert stat.S_IMODE(text.stat().st_mode) == want
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.png", "plain.txt", "run.json"]

@@ -354,15 +354,20 @@ def damaged_store_error(path, dataset: Optional[str], err: BaseException) -> Dat
     """The one-line :class:`DataError` for a store whose bytes cannot be read back: a chunk
     failing its Fletcher-32 checksum (h5py reports "filter returned failure during read") or
     another HDF5 read error. It names the file and the command that rebuilds it."""
-    name = dataset or (Path(path).parent.name if path is not None else "NAME")
-    hint = "" if name == "glyphs" else " --from PATH"
     detail = " ".join(str(err).split())
     if "filter returned failure" in detail:
         what = ("corrupt store: a chunk fails its Fletcher-32 checksum, so the file was damaged "
                 "after it was written")
     else:
         what = f"damaged store ({type(err).__name__}: {detail})"
-    return DataError(f"{path}: {what}; delete it and re-run `fewshot data prepare {name}{hint}`")
+    return DataError(f"{path}: {what}; {rebuild_hint(path, dataset)}")
+
+
+def rebuild_hint(path, dataset: Optional[str]) -> str:
+    """What to do about a damaged store: the command that rebuilds it."""
+    name = dataset or (Path(path).parent.name if path is not None else "NAME")
+    hint = "" if name == "glyphs" else " --from PATH"
+    return f"delete it and re-run `fewshot data prepare {name}{hint}`"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -699,13 +704,17 @@ class ImageStore:
             raise DataError(f"{where}: {(counts <= 0).sum()} class(es) have no images")
         if self.path is not None and self._parts is None:
             with h5py.File(self.path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES) as f:
-                stored = f["class_offsets"][()]
-                a = f.attrs
+                try:  # a missing or unreadable entry is a damaged file, as in open()
+                    stored = f["class_offsets"][()]
+                    counts_stored = int(f.attrs["num_images"]), int(f.attrs["num_classes"])
+                except (KeyError, OSError, ValueError, TypeError) as e:
+                    raise damaged_store_error(self.path, self.dataset, e) from None
+                fix = rebuild_hint(self.path, self.dataset)
                 if not np.array_equal(stored, self.class_offsets):
-                    raise DataError(f"{where}: stored class_offsets disagree with the labels")
-                if int(a["num_images"]) != n or int(a["num_classes"]) != self.num_classes:
+                    raise DataError(f"{where}: stored class_offsets disagree with the labels; {fix}")
+                if counts_stored != (n, self.num_classes):
                     raise DataError(f"{where}: num_images/num_classes attributes disagree with "
-                                    "the data")
+                                    f"the data; {fix}")
                 sha = hashlib.sha256()
                 d = f["images"]
                 try:
@@ -717,8 +726,7 @@ class ImageStore:
                 digest = "sha256:" + sha.hexdigest()
                 if digest != self.checksum:
                     raise DataError(f"{where}: checksum mismatch (stored {self.checksum}, "
-                                    f"computed {digest}); the file is corrupt, re-run "
-                                    "`fewshot data prepare`")
+                                    f"computed {digest}); the file is corrupt, {fix}")
         return {"path": where, "dataset": self.dataset, "split": self.split,
                 "images": n, "classes": self.num_classes, "image_shape": self.image_shape,
                 "per_class_min": int(counts.min()), "per_class_max": int(counts.max()),

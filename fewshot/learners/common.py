@@ -325,7 +325,15 @@ def stacked_examples(episodes: Sequence) -> Tuple[Tensor, Tensor]:
 
 
 def stack(episodes: Sequence, name: str) -> Tensor:
-    """``torch.stack`` of attribute ``name`` over episodes: (T, ...)."""
+    """``torch.stack`` of attribute ``name`` over episodes: (T, ...); ConfigError unless the
+    episodes agree in the shape of every tensor (images, labels and ``classes``: the same N)."""
+    first = [tuple(t.shape) for t in episode_tensors(episodes[0])]
+    for k, ep in enumerate(episodes[1:], 1):
+        for field, want, t in zip(_EPISODE, first, episode_tensors(ep)):
+            if tuple(t.shape) != want:
+                raise ConfigError(f"episodes of unequal shapes cannot be batched: episode {k}'s "
+                                  f"{field} has shape {tuple(t.shape)}, episode 0's {want}; call "
+                                  f"predict on each episode (evaluation does for unequal ones)")
     return torch.stack([getattr(ep, name) for ep in episodes])
 
 

@@ -26,7 +26,8 @@ Choices where the paper is silent (reasons: ``docs/learners.md``):
 
 * ``alpha_negative``: ``"clamp"`` (default) projects α onto α ≥ 0 after every optimiser step
   and after the initial draw; ``"error"`` raises :class:`~fewshot.errors.TrainingError`
-  naming the layer when an update drives α below 0; ``"allow"`` keeps signed α (Meta-SGD).
+  naming the layer when an update drives α below 0 (on an accelerator at the next
+  checkpoint: ``MLTP._refuse_negative_alpha``); ``"allow"`` keeps signed α (Meta-SGD).
 * BatchNorm: batch statistics in both forwards; the running statistics are updated once per
   iteration, by the task_j forward at w' (``bn="running"``), and evaluation uses them with w.
 * Dropout draws independent masks in the two forwards.
@@ -43,12 +44,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.errors import ConfigError, TrainingError
-from fewshot.learners.base import accuracy, require
+from fewshot.learners.base import accuracy, read_on_cpu, require
 from fewshot.learners.registry import register_learner
 from fewshot.learners.standard import SupervisedConfig, SupervisedLearner
 
 _ADAPT = ("all", "conv", "fc", "first_conv", "last_fc")
 _NEGATIVE = ("clamp", "error", "allow")
+_NEVER = 2 ** 62  # no step recorded (alpha_negative="error" on an accelerator)
 _LAYER_WORDS = {"conv": "convolutional (nn.Conv*)", "fc": "fully-connected (nn.Linear)",
                 "all": "convolutional or fully-connected"}
 _LAYER_WORDS.update(first_conv=_LAYER_WORDS["conv"], last_fc=_LAYER_WORDS["fc"])
@@ -133,6 +135,8 @@ class MLTP(SupervisedLearner):
     """
 
     Config = MLTPConfig
+    #: alpha_negative="error" on an accelerator: first step with a negative α, on the device
+    _negative_alpha_at: Optional[Tensor] = None
     description = ("MLTP: meta-learning based training (two half-batch tasks, one inner step, "
                    "learned per-layer α), second order, all layers")
     paper = ("Deng & Zhang, Is the Meta-Learning Idea Able to Improve the Generalization of Deep "
@@ -294,12 +298,35 @@ class MLTP(SupervisedLearner):
                 "alpha_mean": alphas.mean(), "alpha_min": alphas.min()}
 
     def _refuse_negative_alpha(self) -> None:
-        for name, a in self.step_sizes().items():
-            if bool((a.detach() < 0).any()):
-                raise TrainingError(
-                    f"learner '{self.name}': step size α of layer '{name}' turned negative "
-                    f"({float(a.detach().min()):.3g}) at step {self.steps_done}; set "
-                    f"alpha_negative='clamp' (project onto α >= 0) or lower 'lr'")
+        """alpha_negative='error': stop when the update drove some α below 0 (the failed step
+        is undone, :class:`~fewshot.learners.base.Learner`). On the CPU at once; on an
+        accelerator reading α would make the host wait every step, so the first such step is
+        recorded on the device (no wait) and read when the learner is checkpointed
+        (:meth:`state_dict`: the trainer checkpoints periodically and at the end)."""
+        negative = (self.inner.alpha.detach() < 0).any()
+        now = read_on_cpu(negative)
+        if now:
+            self._raise_negative_alpha(self.steps_done)
+        if now is None:
+            mark = torch.where(negative, self.steps_done, _NEVER)
+            first = self._negative_alpha_at
+            self._negative_alpha_at = mark if first is None else torch.minimum(first, mark)
+
+    def _raise_negative_alpha(self, step: int) -> None:
+        """TrainingError for a negative α first seen after step ``step`` (names the layers
+        whose α is negative now and the lowest α)."""
+        names = [n for n, a in self.step_sizes().items() if bool((a.detach() < 0).any())]
+        layers = ", ".join(f"'{n}'" for n in names) or "a layer"
+        raise TrainingError(
+            f"learner '{self.name}': step size α of layer {layers} turned negative "
+            f"({float(self.inner.alpha.detach().min()):.3g}) at step {step}; set "
+            f"alpha_negative='clamp' (project onto α >= 0) or lower 'lr'")
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        first = self._negative_alpha_at
+        if first is not None and int(first) != _NEVER:  # one host read per checkpoint
+            self._raise_negative_alpha(int(first))
+        return super().state_dict(*args, **kwargs)
 
 
 def _add_to_grads(pairs) -> None:

@@ -324,11 +324,7 @@ class _MTL(Learner):
 
     def _base_targets(self, episodes) -> Tensor:
         y = torch.cat([torch.cat([ep.base_support_y, ep.base_query_y]) for ep in episodes])
-        lo, hi = torch.aminmax(y)
-        if int(lo) < 0 or int(hi) >= self.net.base_head.out_features:
-            raise DataError(f"base-class labels {int(lo)}..{int(hi)} do not fit the C-way head "
-                            f"(C = num_classes = {self.net.base_head.out_features}); build the "
-                            "learner with the training split's number of classes")
+        self._check_base(y)
         return y
 
     # ------------------------------------------------------------------- the update
@@ -536,7 +532,8 @@ class _MTL(Learner):
         span = host_label_span(y)  # None on a device: no per-step sync
         if span is not None and (span[0] < 0 or span[1] >= self.net.base_head.out_features):
             raise DataError(f"base-class labels {span[0]}..{span[1]} do not fit the "
-                            f"C-way head (C = num_classes = {self.net.base_head.out_features})")
+                            f"C-way head (C = num_classes = {self.net.base_head.out_features}); "
+                            "build the learner with the training split's number of classes")
 
     # ------------------------------------------------------------------------ test
     def supports_ways(self, ways: int) -> bool:

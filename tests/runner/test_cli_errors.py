@@ -87,3 +87,42 @@ def test_subprocess_exit_status_and_debug(tmp_path):
                          text=True, cwd=REPO)
     assert out.returncode == 2
     assert "Traceback (most recent call last)" in out.stderr and "ConfigError" in out.stderr
+
+
+def _damaged_copy(glyphs_root, tmp_path, damage):
+    """A copy of the session's glyphs data root with ``damage(h5py.File)`` done to train.h5."""
+    import shutil
+
+    import h5py
+
+    root = tmp_path / "data"
+    shutil.copytree(glyphs_root, root)
+    with h5py.File(root / "glyphs" / "train.h5", "r+") as f:
+        damage(f)
+    return root
+
+
+def _rename_num_classes(f):
+    """A flipped byte in the attribute's name: the value is there under a name no one reads."""
+    f.attrs["num_classes".replace("e", "f")] = f.attrs["num_classes"]
+    del f.attrs["num_classes"]
+
+
+def test_data_verify_on_a_store_with_a_damaged_attribute_name_is_one_line(capsys, tmp_path,
+                                                                          glyphs_root):
+    root = _damaged_copy(glyphs_root, tmp_path, _rename_num_classes)
+    line = _one_line_error(capsys, ["data", "verify", "glyphs", "--root", str(root)],
+                           "delete it and re-run `fewshot data prepare glyphs`")
+    assert line.startswith(f"fewshot: error: {root / 'glyphs' / 'train.h5'}: damaged store (KeyError: ")
+    assert "num_classes" in line
+
+
+def test_data_verify_on_class_offsets_that_disagree_with_the_labels_says_what_to_do(
+        capsys, tmp_path, glyphs_root):
+    def shift(f):
+        f["class_offsets"][1] += 1
+
+    root = _damaged_copy(glyphs_root, tmp_path, shift)
+    line = _one_line_error(capsys, ["data", "verify", "glyphs", "--root", str(root)],
+                           "stored class_offsets disagree with the labels")
+    assert line.endswith("; delete it and re-run `fewshot data prepare glyphs`")
