@@ -144,7 +144,7 @@ def test_errors(tiny_net, make_episode):
     cls = get_learner("maml")
     for bad, match in [({"inner_steps": -1}, "inner_steps"), ({"ways": 0}, "ways"),
                        ({"inner_lr": 0.0}, "inner_lr"), ({"bn": "batch"}, "bn"),
-                       ({"adapt": "body"}, "adapt"), ({"eval_steps": 1.5}, "eval_steps"),
+                       ({"adapt": "bodies"}, "adapt"), ({"eval_steps": 1.5}, "eval_steps"),
                        ({"lr": float("nan")}, "NaN")]:
         with pytest.raises(ConfigError, match=match):
             cls.Config(**bad).validate()
