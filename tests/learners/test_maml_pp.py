@@ -230,8 +230,14 @@ def test_errors():
 def test_learns_glyphs(learn_glyphs):
     torch.manual_seed(0)
     cls = get_learner("maml++")
-    learner = cls(cls.Config(lr=3e-3, inner_lr=0.4, inner_steps=2, eval_steps=2, steps_per_epoch=10,
-                             msl_epochs=4, first_order_epochs=4, total_epochs=8,
-                             backbone_options={"hidden": 16}), in_channels=1, image_size=28)
+    learner = cls(cls.Config(lr=3e-3, inner_lr=0.4, inner_steps=2, eval_steps=2, bn="transductive",
+                             steps_per_epoch=10, msl_epochs=4, first_order_epochs=0,
+                             total_epochs=0, backbone_options={"hidden": 16}),
+                  in_channels=1, image_size=28)
     before, after = learn_glyphs(learner, steps=80, meta_batch=2)
-    assert after - before > 0.1, (before, after)
+    # 5-way 1-shot, chance 0.2; measured on torch 2.14 CPU: 0.39 -> 0.66 after 80 steps (LSLR,
+    # BNWB, MSL over 4 epochs, batch statistics as the authors' code). With bn="per_step" (the
+    # running statistics read at test) the same run stayed at chance, 0.25 -> 0.21, as MAML with
+    # bn="per_step" or "running" (0.25 -> 0.21 / 0.24): 80 steps of 1-shot tasks are too few for
+    # a network trained on 5-image batch statistics. Required gain: about half the measured one
+    assert after - before > 0.13, (before, after)
