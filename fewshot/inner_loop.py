@@ -18,8 +18,9 @@ step t uses row t; a test-time adaptation with more steps than ``steps`` reuses 
 α_{T−1} for steps t >= T. ``bn_affine_per_step=True`` (MAML++'s BNWB, "per-step batch
 normalisation weights and biases") gives every BatchNorm layer one (γ_s, β_s) per step index
 s = 0..T, meta-learned and never adapted; a forward after s steps normalises with
-γ_{min(s,T)}, β_{min(s,T)} in :meth:`adapt` and :meth:`adapt_batched` alike. ``first_order=True`` detaches ∇L (no second derivatives:
-first-order MAML, MLTP_FO); α still receives ∂L'/∂α = −Σ_t ⟨∇_{θ_{t+1}} L', ∇L(θ_t)⟩.
+γ_{min(s,T)}, β_{min(s,T)} in :meth:`adapt` and :meth:`adapt_batched` alike.
+``first_order=True`` detaches ∇L (no second derivatives: first-order MAML, MLTP_FO); α still
+receives ∂L'/∂α = −Σ_t ⟨∇_{θ_{t+1}} L', ∇L(θ_t)⟩.
 ``optimizer="adam"`` replaces the SGD step by an Adam step (Reptile's inner optimiser).
 
 The model is patched once with :func:`higher.patch.monkeypatch` and the functional model is
@@ -296,8 +297,9 @@ class InnerLoop(nn.Module):
             if not m.affine:
                 raise ConfigError(f"inner loop option bn_affine_per_step=True needs affine "
                                   f"BatchNorm layers; '{n}' has affine=False")
-            self.register_parameter(f"bn_weight_{k}", nn.Parameter(m.weight.detach().clone().repeat(steps + 1, 1)))
-            self.register_parameter(f"bn_bias_{k}", nn.Parameter(m.bias.detach().clone().repeat(steps + 1, 1)))
+            for name, value in (("weight", m.weight), ("bias", m.bias)):
+                rows = value.detach().clone().repeat(steps + 1, 1)
+                self.register_parameter(f"bn_{name}_{k}", nn.Parameter(rows))
 
     # ------------------------------------------------------------------ public
     @property
