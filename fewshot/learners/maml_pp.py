@@ -18,7 +18,10 @@ each an option of this learner or of the shared inner loop:
 * DA, derivative-order annealing: first-order meta-gradients (∇L treated as a constant in
   the inner steps) for the first ``first_order_epochs`` epochs, second order after.
 * BNRS, per-step BatchNorm running statistics (``bn="per_step"``: one set per step index,
-  used in eval mode), and BNWB, per-step BatchNorm weights and biases
+  used in eval mode; with MSL, set s collects the support batch of inner step s and the query
+  batch after s steps, which the task-batched path applies forward by forward instead of task
+  by task: the statistics differ from the sequential path's in order only, the gradients
+  not), and BNWB, per-step BatchNorm weights and biases
   (``InnerLoop(bn_affine_per_step=True)``: γ_s, β_s for s = 0..T, meta-learned, not adapted
   in the inner loop, as in the authors' code where BatchNorm parameters are not inner-loop
   parameters).
