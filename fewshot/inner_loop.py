@@ -12,8 +12,15 @@ MLTP, eq. 3, for α_i shared by the i-th layer's parameters) is, for t = 0..T-1,
     θ_{t+1}[b] = θ_t[b]                                   for the others,
 
 with θ_0 the model's own parameters, so the outer loss L'(θ_T) back-propagates to θ_0 (all
-tensors, adapted or not) and to α. ``first_order=True`` detaches ∇L (no second derivatives:
-first-order MAML, MLTP_FO); α still receives ∂L'/∂α = −Σ_t ⟨∇_{θ_{t+1}} L', ∇L(θ_t)⟩.
+tensors, adapted or not) and to α. ``lr_per_step=True`` gives α one row per step,
+α_{t,g} (MAML++'s LSLR, Antoniou et al. 2019, sec. 4 "per-layer per-step learning rates"):
+step t uses row t; a test-time adaptation with more steps than ``steps`` reuses the last row
+α_{T−1} for steps t >= T. ``bn_affine_per_step=True`` (MAML++'s BNWB, "per-step batch
+normalisation weights and biases") gives every BatchNorm layer one (γ_s, β_s) per step index
+s = 0..T, meta-learned and never adapted; a forward after s steps normalises with
+γ_{min(s,T)}, β_{min(s,T)} in :meth:`adapt` and :meth:`adapt_batched` alike.
+``first_order=True`` detaches ∇L (no second derivatives: first-order MAML, MLTP_FO); α still
+receives ∂L'/∂α = −Σ_t ⟨∇_{θ_{t+1}} L', ∇L(θ_t)⟩.
 ``optimizer="adam"`` replaces the SGD step by an Adam step (Reptile's inner optimiser).
 
 The model is patched once with :func:`higher.patch.monkeypatch` and the functional model is
@@ -52,7 +59,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fewshot.errors import ConfigError, TrainingError
 
 BN_POLICIES = ("transductive", "running", "per_step")
-ADAPT_PRESETS = ("all", "conv", "fc", "head", "first_conv", "last_fc")
+ADAPT_PRESETS = ("all", "conv", "fc", "head", "body", "first_conv", "last_fc")
 Selector = Union[str, Callable[[str, nn.Parameter, nn.Module], bool]]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -82,7 +89,8 @@ def select_parameters(model: nn.Module, adapt: Selector) -> List[bool]:
     """Which of ``model.parameters()`` the inner loop adapts, for a preset or a predicate.
 
     ``"all"``: every parameter; ``"conv"``: parameters of convolution modules; ``"fc"``: of
-    ``nn.Linear`` modules; ``"head"``: of the module named ``head`` (else the last Linear).
+    ``nn.Linear`` modules; ``"head"``: of the module named ``head`` (else the last Linear;
+    ANIL, Raghu et al. 2020); ``"body"``: every parameter but the head's (BOIL, Oh et al. 2021).
     BatchNorm affine parameters are neither conv nor fc. ``"first_conv"``: of the first
     convolution module in ``named_modules`` order; ``"last_fc"``: of the last ``nn.Linear``
     (MLTP sec. III-E's "only the first convolutional layer" / "the last fully connected
@@ -103,19 +111,23 @@ def select_parameters(model: nn.Module, adapt: Selector) -> List[bool]:
         layers = [n for n, m in model.named_modules() if isinstance(m, kind)]
         pick = (layers[0] if adapt == "first_conv" else layers[-1]) if layers else None
         return [owners[n][0] == pick for n in names]
-    if adapt == "head":
+    if adapt in ("head", "body"):
         head = _head_module_name(model)
-        if head is None:
-            return [False] * len(names)
-        return [owners[n][0] == head or owners[n][0].startswith(head + ".") for n in names]
+        in_head = [head is not None and (owners[n][0] == head or owners[n][0].startswith(head + "."))
+                   for n in names]
+        return in_head if adapt == "head" else [not h for h in in_head]
     raise ConfigError(f"inner loop option 'adapt' must be one of {', '.join(ADAPT_PRESETS)} "
                       f"or a callable, got {adapt!r}")
 
 
-def _check_options(steps, bn: str, optimizer: str, lr_per: str, lr_init_std: float) -> None:
+def _check_options(steps, bn: str, optimizer: str, lr_per: str, lr_init_std: float,
+                   lr_per_step: bool = False) -> None:
     """ConfigError naming the inner-loop option that is out of range."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ConfigError(f"inner loop option 'steps' must be an integer >= 0, got {steps!r}")
+    if lr_per_step and steps < 1:
+        raise ConfigError("inner loop option lr_per_step=True needs steps >= 1 (one α row per "
+                          "step), got steps=0")
     if bn not in BN_POLICIES:
         raise ConfigError(f"inner loop option 'bn' must be one of {', '.join(BN_POLICIES)}, "
                           f"got {bn!r}")
@@ -177,15 +189,21 @@ class InnerLoop(nn.Module):
             N(1e-3, 1e-3) on CIFAR); needs ``generator`` for reproducibility.
         adam_betas, adam_eps: Adam's constants for ``optimizer="adam"`` (Reptile's code uses
             β1 = 0).
+        lr_per_step: α of shape (steps, groups), one row per step (MAML++ LSLR).
+        bn_affine_per_step: per-step BatchNorm γ_s, β_s, s = 0..steps, owned by the loop and
+            initialised from the layers' own (MAML++ BNWB); the BatchNorm weights and biases
+            are then not adapted (whatever ``adapt`` selects), as in MAML++'s code.
     """
 
     def __init__(self, model: nn.Module, steps: int = 1, lr: Union[float, Mapping[str, float]] = 0.01,
                  learn_lr: bool = False, lr_per: str = "tensor", adapt: Selector = "all",
                  first_order: bool = False, bn: str = "transductive", optimizer: str = "sgd",
                  lr_init_std: float = 0.0, adam_betas: Sequence[float] = (0.0, 0.999),
-                 adam_eps: float = 1e-8, generator: Optional[torch.Generator] = None):
+                 adam_eps: float = 1e-8, generator: Optional[torch.Generator] = None,
+                 lr_per_step: bool = False, bn_affine_per_step: bool = False):
         super().__init__()
-        _check_options(steps, bn, optimizer, lr_per, lr_init_std)
+        _check_options(steps, bn, optimizer, lr_per, lr_init_std, lr_per_step)
+        self.bn_affine_per_step = bool(bn_affine_per_step)
         object.__setattr__(self, "_model", model)
         self.steps = steps
         self.first_order = bool(first_order)
@@ -197,6 +215,8 @@ class InnerLoop(nn.Module):
         self.param_names = [n for n, _ in model.named_parameters()]
         self._select(model, adapt, lr_per)
         init = self._initial_alpha(model, lr, lr_init_std, generator)
+        if lr_per_step:
+            init = init.repeat(steps, 1)
         if learn_lr:
             self.alpha = nn.Parameter(init)
         else:
@@ -209,6 +229,10 @@ class InnerLoop(nn.Module):
     def _select(self, model: nn.Module, adapt: Selector, lr_per: str) -> None:
         """The adapted tensors (indices, names) and their step-size groups."""
         mask = select_parameters(model, adapt)
+        if self.bn_affine_per_step:  # γ_s, β_s replace them: never adapted
+            owners = _owner_modules(model)
+            mask = [m and not isinstance(owners[n][1], _BatchNorm)
+                    for m, n in zip(mask, self.param_names)]
         self._adapted_idx = [i for i, m in enumerate(mask) if m]
         self.adapted_names = [self.param_names[i] for i in self._adapted_idx]
         if not self._adapted_idx:
@@ -259,6 +283,23 @@ class InnerLoop(nn.Module):
                                       f"and a momentum; '{n}' has neither")
                 self.register_buffer(f"bn_mean_{k}", m.running_mean.detach().clone().repeat(steps + 1, 1))
                 self.register_buffer(f"bn_var_{k}", m.running_var.detach().clone().repeat(steps + 1, 1))
+        if self.bn_affine_per_step:
+            self._init_bn_affine(model, steps)
+
+    def _init_bn_affine(self, model: nn.Module, steps: int) -> None:
+        """γ_s, β_s (s = 0..steps) of every BatchNorm layer k: parameters ``bn_weight_k`` and
+        ``bn_bias_k`` of shape (steps + 1, C), each row a copy of the layer's own γ, β."""
+        if not self._bn_names:
+            raise ConfigError(f"inner loop option bn_affine_per_step=True needs BatchNorm layers; "
+                              f"{type(model).__name__} has none")
+        for k, n in enumerate(self._bn_names):
+            m = model.get_submodule(n)
+            if not m.affine:
+                raise ConfigError(f"inner loop option bn_affine_per_step=True needs affine "
+                                  f"BatchNorm layers; '{n}' has affine=False")
+            for name, value in (("weight", m.weight), ("bias", m.bias)):
+                rows = value.detach().clone().repeat(steps + 1, 1)
+                self.register_parameter(f"bn_{name}_{k}", nn.Parameter(rows))
 
     # ------------------------------------------------------------------ public
     @property
@@ -266,8 +307,9 @@ class InnerLoop(nn.Module):
         return self._model
 
     def step_sizes(self) -> Dict[str, Tensor]:
-        """α by group name (a parameter tensor's name, or a module's under ``lr_per="layer"``)."""
-        return {g: self.alpha[k] for k, g in enumerate(self.group_names)}
+        """α by group name (a parameter tensor's name, or a module's under ``lr_per="layer"``);
+        under ``lr_per_step`` each value is the group's (steps,) column."""
+        return {g: self.alpha[..., k] for k, g in enumerate(self.group_names)}
 
     def functional(self, params: Optional[Sequence[Tensor]] = None, step: int = 0) -> Adapted:
         """The model at ``params`` (default: its own parameters) as an outer-forward network."""
@@ -276,14 +318,17 @@ class InnerLoop(nn.Module):
 
     def adapt(self, loss_fn: Callable[[Adapted], Tensor], *, steps: Optional[int] = None,
               params: Optional[Sequence[Tensor]] = None,
-              differentiable: Optional[bool] = None) -> Adapted:
+              differentiable: Optional[bool] = None,
+              after_step: Optional[Callable[[Adapted], None]] = None) -> Adapted:
         """Take ``steps`` inner steps on ``loss_fn`` and return the adapted network.
 
         ``loss_fn(net)`` is called once per step with the current weights (``net.step`` is
         the step index, for learners that change the batch per step, e.g. MTL's k
         sub-batches). ``differentiable`` (default: ``model.training``) keeps the graph so
         the outer loss reaches θ_0 and α; without it the steps run detached (test-time
-        fine-tuning: no graph is kept, memory stays flat).
+        fine-tuning: no graph is kept, memory stays flat). ``after_step(net)``, if given, is
+        called after every step t with the network at θ_{t+1} (``net.step = t + 1``), e.g. for
+        MAML++'s multi-step loss Σ_t v_t L'(θ_t).
         """
         steps, differentiable, alphas = self._start(steps, differentiable)
         params = list(self._model.parameters()) if params is None else list(params)
@@ -304,6 +349,8 @@ class InnerLoop(nn.Module):
                 grads = torch.autograd.grad(loss, [params[i] for i in idx], create_graph=create_graph,
                                             allow_unused=True)
                 params = self._update(params, grads, alphas, t, m_state, v_state, differentiable)
+                if after_step is not None:
+                    after_step(Adapted(self, params, t + 1))
         if not differentiable:
             params = [p.detach() for p in params]
         return Adapted(self, params, steps)
@@ -311,7 +358,8 @@ class InnerLoop(nn.Module):
 
     # ------------------------------------------------------------ task batching
     def adapt_batched(self, loss_fn: Callable, *task_tensors: Tensor, steps: Optional[int] = None,
-                      differentiable: Optional[bool] = None) -> "BatchedAdapted":
+                      differentiable: Optional[bool] = None,
+                      after_step: Optional[Callable[["BatchedAdapted"], None]] = None) -> "BatchedAdapted":
         """Adapt T tasks at once; ``task_tensors[j][i]`` is task i's j-th tensor.
 
         The update of :meth:`adapt` for every task i (module docstring):
@@ -338,7 +386,8 @@ class InnerLoop(nn.Module):
         second updating forward of the same set applies its T updates after the first's, an
         order the sequential loop does not have; that is logged once. Eval forwards read the
         running statistics. Random ops (dropout) draw independently per task
-        (``randomness="different"``), not the sequential path's draws.
+        (``randomness="different"``), not the sequential path's draws. ``after_step`` as in
+        :meth:`adapt`, with the :class:`BatchedAdapted` network after each step.
         """
         steps, differentiable, alphas = self._start(steps, differentiable)
         n_tasks = _task_count(task_tensors)
@@ -358,6 +407,9 @@ class InnerLoop(nn.Module):
             params = self._update(params, grads, alphas, t, m_state, v_state, differentiable)
             for i in self._adapted_idx:
                 batched[i] = True
+            if after_step is not None:
+                after_step(BatchedAdapted(self, params, list(batched), t + 1, n_tasks, losses,
+                                          auxes, seen))
         if not differentiable:
             params = [p.detach() for p in params]
         return BatchedAdapted(self, params, batched, steps, n_tasks, losses, auxes, seen)
@@ -420,11 +472,13 @@ class InnerLoop(nn.Module):
         """One task's forward inside vmap: the patched model, BatchNorm by :meth:`_task_bn`."""
         fmodel = self._fmodel
         _, bn_pairs = self._pairs
+        params = self._step_affine(net.params, net.step)
         for k, pair in enumerate(bn_pairs):
             plan = self._bn_plan(k, pair, net.step, net._inner)
-            object.__setattr__(pair.patched, "forward", functools.partial(self._task_bn, k, plan, net))
+            object.__setattr__(pair.patched, "forward",
+                               functools.partial(self._task_bn, k, plan, net, params))
         try:
-            return fmodel(x, *args, params=net.params, **kwargs)
+            return fmodel(x, *args, params=params, **kwargs)
         finally:
             for pair in bn_pairs:
                 pair.patched.__dict__.pop("forward", None)
@@ -447,13 +501,14 @@ class InnerLoop(nn.Module):
             return (module.running_mean, module.running_var), None
         return None, None
 
-    def _task_bn(self, k: int, plan: tuple, net: "_TaskNet", x: Tensor) -> Tensor:
-        """BatchNorm of layer k inside vmap under the policy's ``plan``; records the batch
+    def _task_bn(self, k: int, plan: tuple, net: "_TaskNet", params: List[Tensor], x: Tensor) -> Tensor:
+        """BatchNorm of layer k inside vmap under the policy's ``plan`` with the weights of
+        ``params`` (the forward's, per-step γ_s, β_s substituted); records the batch
         mean and unbiased variance when they update running statistics."""
         running, target = plan
         iw, ib = self._bn_param_idx[k]
-        w = net.params[iw] if iw is not None else None
-        b = net.params[ib] if ib is not None else None
+        w = params[iw] if iw is not None else None
+        b = params[ib] if ib is not None else None
         eps = self._pairs[1][k].module.eps
         if running is not None:
             return F.batch_norm(x, running[0], running[1], w, b, False, 0.0, eps)
@@ -501,29 +556,33 @@ class InnerLoop(nn.Module):
             differentiable = self._model.training
         return steps, differentiable, self._alpha_per_tensor(differentiable)
 
-    def _alpha_per_tensor(self, differentiable: bool) -> Union[List[Tensor], List[float]]:
-        """α_{g(a)} for every adapted tensor a, gathered once per adaptation.
+    def _alpha_per_tensor(self, differentiable: bool) -> List[Union[List[Tensor], List[float]]]:
+        """α_{g(a)} for every adapted tensor a, one row per step row of α (one row unless
+        ``lr_per_step``), gathered once per adaptation; step t uses row min(t, rows − 1).
 
         A learnable α (``differentiable`` and α requires grad): 0-d views of one
-        ``α.unbind()`` (one autograd node, one view per group); otherwise Python floats, read from α once and cached
+        ``α.unbind()`` per row (one autograd node, one view per group); otherwise Python floats, read from α once and cached
         until α changes (its version counter or storage), so fixed-α steps neither build a
         graph to α nor index it per tensor (and cost no host sync per step).
         """
         alpha = self.alpha
         if differentiable and alpha.requires_grad:
-            parts = alpha.unbind()
-            return [parts[g] for g in self._group_idx]
+            parts = [row.unbind() for row in alpha.unbind()] if alpha.dim() == 2 else [alpha.unbind()]
+            return [[p[g] for g in self._group_idx] for p in parts]
         key = (alpha.data_ptr(), alpha._version, alpha.device)
         if self._alpha_cache is None or self._alpha_cache[0] != key:
             values = alpha.detach().tolist()
-            object.__setattr__(self, "_alpha_cache", (key, [float(values[g]) for g in self._group_idx]))
+            values = values if alpha.dim() == 2 else [values]
+            per_row = [[float(v[g]) for g in self._group_idx] for v in values]
+            object.__setattr__(self, "_alpha_cache", (key, per_row))
         return self._alpha_cache[1]
 
     def _update(self, params: List[Tensor], grads, alphas, t: int, m_state, v_state,
                 differentiable: bool) -> List[Tensor]:
-        """θ_{t+1}[a] = θ_t[a] − α_{g(a)} · d_a for the adapted a (d = ∇L, or Adam's direction),
-        as ``torch._foreach_*`` over the adapted tensors (one autograd node per op). Tensors
-        without a gradient (unused by the loss) stay as they are."""
+        """θ_{t+1}[a] = θ_t[a] − α_{t,g(a)} · d_a for the adapted a (d = ∇L, or Adam's direction;
+        α's row t, the last row past it), as ``torch._foreach_*`` over the adapted tensors (one
+        autograd node per op). Tensors without a gradient (unused by the loss) stay as they are."""
+        alphas = alphas[min(t, len(alphas) - 1)]
         idx = self._adapted_idx
         ks = [k for k, g in enumerate(grads) if g is not None]
         if not ks:
@@ -590,7 +649,7 @@ class InnerLoop(nn.Module):
         for k, pair in enumerate(bn_pairs):
             self._configure_bn(k, pair, step, inner)
         try:
-            return fmodel(x, *args, params=params, **kwargs)
+            return fmodel(x, *args, params=self._step_affine(params, step), **kwargs)
         finally:
             self._release(fmodel)
 
@@ -606,6 +665,20 @@ class InnerLoop(nn.Module):
         for twin, names in self._slots:
             for name in names:
                 twin._parameters[name] = None
+
+    def _step_affine(self, params: List[Tensor], step: int) -> List[Tensor]:
+        """``params`` with each BatchNorm layer's weight and bias replaced by γ_s, β_s,
+        s = min(step, steps), under ``bn_affine_per_step`` (else ``params`` itself)."""
+        if not self.bn_affine_per_step:
+            return params
+        s = min(step, self.steps)
+        out = list(params)
+        for k, (iw, ib) in enumerate(self._bn_param_idx):
+            if iw is not None:
+                out[iw] = getattr(self, f"bn_weight_{k}")[s]
+            if ib is not None:
+                out[ib] = getattr(self, f"bn_bias_{k}")[s]
+        return out
 
     def _configure_bn(self, k: int, pair: _BNPair, step: int, inner: bool) -> None:
         """Point the patched BatchNorm at the statistics the policy (:meth:`_bn_plan`)

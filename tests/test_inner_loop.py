@@ -131,6 +131,64 @@ def test_conv_only_leaves_fc_untouched_and_vice_versa():
         assert torch.equal(p, orig[name]) == name.startswith("0."), name
 
 
+def test_head_and_body_presets_split_the_parameters():
+    """"head": the last Linear (no module named head here); "body": everything else."""
+    net = small_net(bn=True)
+    names = [n for n, _ in net.named_parameters()]
+    head = InnerLoop(net, adapt="head").adapted_names
+    body = InnerLoop(net, adapt="body").adapted_names
+    assert head == ["4.weight", "4.bias"]
+    assert body == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert sorted(head + body) == sorted(names)
+
+
+def test_per_step_step_sizes_and_bn_affine_match_torch_func():
+    """θ_{t+1}[a] = θ_t[a] − α[t, a] ∇_a L(θ_t) with α's row t (the last row past T), and the
+    BatchNorm of a forward after s steps at (γ_s, β_s), s <= T; BatchNorm's own γ, β are
+    neither adapted nor read; three test-time steps after T = 2 training steps."""
+    net = small_net(bn=True)
+    xs, ys = data()
+    loop = InnerLoop(net, steps=2, lr=0.3, learn_lr=True, lr_per_step=True, bn_affine_per_step=True)
+    assert loop.adapted_names == ["0.weight", "0.bias", "4.weight", "4.bias"]
+    assert loop.alpha.shape == (2, 4) and loop.step_sizes()["4.bias"].shape == (2,)
+    assert loop.bn_weight_0.shape == (3, 3) and loop.bn_bias_0.shape == (3, 3)  # s = 0..T
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        loop.alpha.uniform_(0.1, 0.5, generator=g)
+        loop.bn_weight_0.normal_(1.0, 0.3, generator=g)
+        loop.bn_bias_0.normal_(0.0, 0.3, generator=g)
+    alpha, gam, bet = (t.detach().clone() for t in (loop.alpha, loop.bn_weight_0, loop.bn_bias_0))
+    ref_net = copy.deepcopy(net)
+    ref_net[1].track_running_stats = False
+    ref_net[1].running_mean = ref_net[1].running_var = ref_net[1].num_batches_tracked = None
+
+    def run(p, s, x):
+        return functional_call(ref_net, {**p, "1.weight": gam[min(s, 2)], "1.bias": bet[min(s, 2)]}, (x,))
+
+    p = {k: v.detach().clone() for k, v in net.named_parameters()}
+    for t in range(3):
+        gr = grad(lambda r: F.cross_entropy(run(r, t, xs), ys))(p)
+        p = {k: p[k] - alpha[min(t, 1), loop.adapted_names.index(k)] * gr[k]
+             if k in loop.adapted_names else p[k] for k in p}
+    adapted = loop.adapt(lambda f: F.cross_entropy(f(xs), ys), steps=3, differentiable=False)
+    for k, v in adapted.named_params().items():
+        torch.testing.assert_close(v, p[k], rtol=1e-10, atol=1e-12, msg=k)
+    torch.testing.assert_close(adapted(xs), run(p, 3, xs), rtol=1e-10, atol=1e-12)
+
+
+def test_after_step_sees_every_step():
+    net = small_net()
+    xs, ys = data()
+    loop = InnerLoop(net, steps=3, lr=0.5)
+    seen = []
+    final = loop.adapt(lambda f: F.cross_entropy(f(xs), ys),
+                       after_step=lambda n: seen.append((n.step, n(xs).detach())))
+    assert [s for s, _ in seen] == [1, 2, 3]
+    torch.testing.assert_close(seen[-1][1], final(xs).detach())
+    two = loop.adapt(lambda f: F.cross_entropy(f(xs), ys), steps=2)
+    torch.testing.assert_close(seen[1][1], two(xs).detach())
+
+
 def test_non_adapted_parameters_still_receive_outer_gradients():
     net = small_net()
     xs, ys = data()
@@ -147,7 +205,9 @@ def test_selecting_no_parameters_is_a_clear_error():
 
 @pytest.mark.parametrize("kwargs,match", [({"steps": -1}, "steps"), ({"bn": "magic"}, "bn"),
                                           ({"optimizer": "lbfgs"}, "optimizer"),
-                                          ({"adapt": "everything"}, "adapt")])
+                                          ({"adapt": "everything"}, "adapt"),
+                                          ({"steps": 0, "lr_per_step": True}, "lr_per_step"),
+                                          ({"bn_affine_per_step": True}, "needs BatchNorm")])
 def test_invalid_options(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         InnerLoop(small_net(), **kwargs)

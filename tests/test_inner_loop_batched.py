@@ -31,13 +31,13 @@ def tasks(seed=1):
     return sx, torch.randint(0, WAYS, (T, S), generator=g), qx, torch.randint(0, WAYS, (T, Q), generator=g)
 
 
-def run(mode, first_order, optimizer, learn, adapt, bn, steps=2, train=True, momentum=0.1):
+def run(mode, first_order, optimizer, learn, adapt, bn, steps=2, train=True, momentum=0.1, **loop_options):
     net = conv4()
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = momentum  # None: cumulative average over num_batches_tracked
     loop = InnerLoop(net, steps=steps, lr=0.1, learn_lr=learn, first_order=first_order,
-                     optimizer=optimizer, bn=bn, adapt=adapt)
+                     optimizer=optimizer, bn=bn, adapt=adapt, **loop_options)
     net.train(train)
     sx, sy, qx, qy = tasks()
     if mode == "seq":
@@ -54,6 +54,7 @@ def run(mode, first_order, optimizer, learn, adapt, bn, steps=2, train=True, mom
     grads = {n: p.grad for n, p in net.named_parameters()}
     if learn:
         grads["alpha"] = loop.alpha.grad
+    grads.update({n: p.grad for n, p in loop.named_parameters() if n.startswith("bn_")})
     buffers = {n: b for n, b in list(net.named_buffers()) + list(loop.named_buffers())}
     return out.detach(), grads, buffers
 
@@ -73,6 +74,25 @@ def test_batched_equals_sequential(first_order, optimizer, learn, subset, bn):
         assert torch.isfinite(seq[1][k]).all(), k
         torch.testing.assert_close(bat[1][k], seq[1][k], rtol=1e-6, atol=1e-8, msg=k)
     for k in seq[2]:  # running / per-step statistics: the T updates in task order
+        torch.testing.assert_close(bat[2][k], seq[2][k], rtol=1e-7, atol=1e-8, msg=k)
+
+
+@pytest.mark.parametrize("bn", ["transductive", "per_step"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_per_step_step_sizes_and_bn_affine_batched_equals_sequential(first_order, bn):
+    """MAML++'s LSLR (α of shape (steps, groups)) and BNWB (γ_s, β_s): batched == sequential
+    for θ_0, α and every γ_s, β_s, three steps."""
+    opts = dict(lr_per_step=True, bn_affine_per_step=True, steps=3)
+    seq = run("seq", first_order, "sgd", True, "all", bn, **opts)
+    bat = run("bat", first_order, "sgd", True, "all", bn, **opts)
+    torch.testing.assert_close(bat[0], seq[0], rtol=1e-7, atol=1e-9)
+    assert seq[1]["alpha"].shape == (3, 10) and seq[1]["bn_weight_0"].shape == (4, 3)
+    for k in seq[1]:
+        if seq[1][k] is None:  # the layers' own γ, β: replaced by γ_s, β_s
+            assert k.endswith(("bn.weight", "bn.bias")) and bat[1][k] is None, k
+            continue
+        torch.testing.assert_close(bat[1][k], seq[1][k], rtol=1e-6, atol=1e-8, msg=k)
+    for k in seq[2]:
         torch.testing.assert_close(bat[2][k], seq[2][k], rtol=1e-7, atol=1e-8, msg=k)
 
 

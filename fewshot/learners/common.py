@@ -24,7 +24,8 @@ __all__ = ["positive_int", "positive_float", "choice", "fraction", "boolean", "c
            "halve_lr_every", "scale_lrs_at_milestones", "mean_episode_update",
            "minibatch_indices", "minibatch_loss", "class_sums", "prototypes",
            "squared_euclidean_logits", "one_hot", "meta_adam", "batches_tasks", "stack",
-           "all_examples", "stacked_examples", "episode_tensors", "batched_query_loss", "support_loss", "batched_episode_update"]
+           "all_examples", "stacked_examples", "episode_tensors", "batched_query_loss", "support_loss", "batched_episode_update",
+           "MultiStepLoss"]
 
 
 # ------------------------------------------------------------------ option checks
@@ -349,19 +350,46 @@ def support_loss(net, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(net(x), y)
 
 
+class MultiStepLoss:
+    """An ``after_step`` observer of :meth:`~fewshot.inner_loop.InnerLoop.adapt` /
+    ``adapt_batched`` that sums the multi-step loss Σ_{t=1..T} v_t · loss(f_{θ_t}(x), y)
+    (MAML++'s MSL, Antoniou et al. 2019, sec. 4). Steps with v_t = 0 run no query forward;
+    ``scores`` is the query output of the last step that ran one."""
+
+    def __init__(self, weights: Sequence[float], x: Tensor, y: Tensor,
+                 loss: Callable[[Tensor, Tensor], Tensor]):
+        self.weights, self.x, self.y, self.loss = list(weights), x, y, loss
+        self.total: Tensor | float = 0.0
+        self.scores: Optional[Tensor] = None
+
+    def __call__(self, net) -> None:
+        v = self.weights[net.step - 1]
+        if v:
+            self.scores = net(self.x)
+            self.total = self.total + v * self.loss(self.scores, self.y)
+
+
 def batched_episode_update(learner, loop, episodes: Sequence, inner_loss: Callable = support_loss,
-                           optimizer_name: str = "meta", **outer_options) -> Dict[str, Tensor]:
+                           optimizer_name: str = "meta", step_weights: Optional[Sequence[float]] = None,
+                           **outer_options) -> Dict[str, Tensor]:
     """The batched twin of ``mean_episode_update`` for MAML-type learners.
 
     θ'_i from ``loop.adapt_batched`` on the support sets, then one backward of
     (1/T) Σ_i L_i(f_{θ'_i}; D'_i) (MAML eq. 3 with the mean), the finiteness check, the
-    outer step, the step count; metrics: mean query loss and accuracy over tasks.
+    outer step, the step count; metrics: mean query loss and accuracy over tasks. With
+    ``step_weights`` (v_1..v_S) the loop takes S steps and L_i is the multi-step loss
+    Σ_t v_t L_i(f_{θ_t,i}; D'_i) (:class:`MultiStepLoss`).
     """
     learner.optimizers[optimizer_name].zero_grad(set_to_none=True)
     sx, sy, qx, qy = (stack(episodes, a) for a in _EPISODE[:4])
     with batched_oom_guard(len(episodes), f"learner '{learner.name}'"):
-        adapted = loop.adapt_batched(inner_loss, sx, sy)
-        losses, accs = batched_query_loss(adapted(qx), qy)
+        if step_weights is None:
+            adapted = loop.adapt_batched(inner_loss, sx, sy)
+            losses, accs = batched_query_loss(adapted(qx), qy)
+        else:
+            msl = MultiStepLoss(step_weights, qx, qy, lambda s, y: batched_query_loss(s, y)[0])
+            loop.adapt_batched(inner_loss, sx, sy, steps=len(step_weights), after_step=msl)
+            losses, accs = msl.total, batched_query_loss(msl.scores, qy)[1]
         losses.mean().backward()
     loss = losses.detach().mean()
     learner.check_finite(loss, learner.steps_done)

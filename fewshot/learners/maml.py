@@ -65,7 +65,8 @@ class MAML(Learner):
         first_order: drop second derivatives (False; ``fomaml`` sets True).
         bn: BatchNorm policy of the inner loop: "transductive" (MAML's code), "running",
             "per_step" (MAML++).
-        adapt: which parameters the inner loop adapts: "all", "conv", "fc", "head".
+        adapt: which parameters the inner loop adapts: "all", "conv", "fc", "head" (ANIL),
+            "body" (BOIL), "first_conv", "last_fc".
         learn_inner_lr: learn α (Meta-SGD, Li et al. 2017) with the outer optimiser.
         lr_per: "tensor" (one α per parameter tensor) or "layer" (one per module).
         meta_batch: tasks per outer step the trainer should draw (4 for 1-shot
@@ -108,11 +109,16 @@ class MAML(Learner):
         #: f_θ: backbone + N-way head
         self.net = HeadNet(self.make_backbone(), c.ways)
         #: the inner loop (owns α; learnable under learn_inner_lr)
-        self.loop = InnerLoop(self.net, steps=c.inner_steps, lr=c.inner_lr,
-                              learn_lr=c.learn_inner_lr, lr_per=c.lr_per, adapt=c.adapt,
-                              first_order=c.first_order, bn=c.bn)
+        self.loop = InnerLoop(self.net, **self._inner_loop_options())
         params = list(self.net.parameters()) + list(self.loop.parameters())
         self.optimizers["meta"] = meta_adam(params, c.lr)
+
+    def _inner_loop_options(self) -> dict:
+        """The :class:`~fewshot.inner_loop.InnerLoop` options the config sets (a subclass
+        adds its own to these)."""
+        c = self.config
+        return dict(steps=c.inner_steps, lr=c.inner_lr, learn_lr=c.learn_inner_lr,
+                    lr_per=c.lr_per, adapt=c.adapt, first_order=c.first_order, bn=c.bn)
 
     def _support_loss(self, episode):
         def loss_fn(net):

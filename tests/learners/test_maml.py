@@ -42,8 +42,9 @@ def batch_stat_copy(net):
     return net
 
 
-def reference_meta_grad(net, eps, alpha, steps, first_order):
-    """Mean over tasks of ∇_θ L(θ'_i; D'_i), θ'_i by `steps` steps of eq. 1 (batch-stat BN)."""
+def reference_meta_grad(net, eps, alpha, steps, first_order, adapted=None):
+    """Mean over tasks of ∇_θ L(θ'_i; D'_i), θ'_i by `steps` steps of eq. 1 (batch-stat BN)
+    on the tensors named in ``adapted`` (default: all; ANIL's head, BOIL's body)."""
     params = {k: v.detach().clone() for k, v in net.named_parameters()}
     net = batch_stat_copy(net)
 
@@ -56,7 +57,7 @@ def reference_meta_grad(net, eps, alpha, steps, first_order):
             g = grad(lambda r: F.cross_entropy(run(r, ep.support_x), ep.support_y))(q)
             if first_order:
                 g = {k: v.detach() for k, v in g.items()}
-            q = {k: q[k] - alpha * g[k] for k in q}
+            q = {k: q[k] - alpha * g[k] if adapted is None or k in adapted else q[k] for k in q}
         return F.cross_entropy(run(q, ep.query_x), ep.query_y)
 
     grads = [grad(outer)(params, ep) for ep in eps]
@@ -144,7 +145,7 @@ def test_errors(tiny_net, make_episode):
     cls = get_learner("maml")
     for bad, match in [({"inner_steps": -1}, "inner_steps"), ({"ways": 0}, "ways"),
                        ({"inner_lr": 0.0}, "inner_lr"), ({"bn": "batch"}, "bn"),
-                       ({"adapt": "body"}, "adapt"), ({"eval_steps": 1.5}, "eval_steps"),
+                       ({"adapt": "bodies"}, "adapt"), ({"eval_steps": 1.5}, "eval_steps"),
                        ({"lr": float("nan")}, "NaN")]:
         with pytest.raises(ConfigError, match=match):
             cls.Config(**bad).validate()

@@ -68,6 +68,10 @@ def assert_same_step(name, batch, metric_keys=("loss", "acc"), **cfg):
     ("fomaml", {"inner_steps": 2, "inner_lr": 0.3}),
     ("maml", {"inner_steps": 2, "inner_lr": 0.3, "learn_inner_lr": True, "lr_per": "layer"}),  # Meta-SGD
     ("maml", {"inner_steps": 2, "inner_lr": 0.3, "bn": "per_step", "adapt": "head"}),
+    ("anil", {"inner_steps": 2, "inner_lr": 0.3}),
+    ("boil", {"inner_steps": 2, "inner_lr": 0.3}),
+    # MAML++ with its final-step loss: LSLR, per-step BatchNorm statistics and weights
+    ("maml++", {"inner_steps": 2, "inner_lr": 0.3, "msl": False, "first_order_epochs": 0}),
 ])
 def test_maml_family_meta_gradients(name, cfg):
     grads = assert_same_step(name, episodes(), ways=WAYS, **cfg)
@@ -113,6 +117,9 @@ def test_mtl_meta_step_equals_sequential(name):
 @pytest.mark.parametrize("name,cfg", [
     ("maml", {"ways": WAYS, "eval_steps": 3, "inner_lr": 0.3}),
     ("maml", {"ways": WAYS, "eval_steps": 2, "bn": "running"}),
+    ("anil", {"ways": WAYS, "eval_steps": 3, "inner_lr": 0.3}),
+    ("boil", {"ways": WAYS, "eval_steps": 2, "inner_lr": 0.3}),
+    ("maml++", {"ways": WAYS, "inner_steps": 2, "eval_steps": 3, "inner_lr": 0.3}),
     ("reptile", {"ways": WAYS, "eval_steps": 3, "eval_batch": 4}),
     ("mtl+maml", {"ways": WAYS, "eval_steps": 3, "eval_batch": 4, "beta": 1.0, "inner_batch": 4}),
     ("transfer", {"finetune_steps": 3, "finetune_lr": 0.5}),
