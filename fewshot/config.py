@@ -36,6 +36,7 @@ else:  # pragma: no cover - Python 3.10
 from fewshot.atomic import atomic_write_text
 from fewshot.errors import ConfigError, closest
 from fewshot.learners import get_learner
+from fewshot.transductive import check_inference
 
 __all__ = [
     "DataConfig", "LearnerSection", "TrainConfig", "EvalConfig", "RunConfig",
@@ -120,6 +121,9 @@ class EvalConfig:
     split: Optional[str] = _f(None, "split to evaluate; default: data.test_split")
     seed: int = _f(2024, "seed of the evaluation episodes; equal seeds = equal episodes")
     checkpoint: str = _f("best", "which weights to evaluate: best (on validation) or last")
+    inference: str = _f("inductive", "inductive (the learner's predict), or transductive over each "
+                                     "episode's query set: bd-cspn (BD-CSPN prototype "
+                                     "rectification) or tim (TIM-GD); metric learners only")
 
 
 @dataclass
@@ -370,6 +374,7 @@ def _validate(cfg: RunConfig, where: str) -> None:
     if e.checkpoint not in ("best", "last"):
         raise ConfigError(f"config key 'eval.checkpoint' must be 'best' or 'last', found "
                           f"{e.checkpoint!r}{src}")
+    check_inference(e.inference, cfg.learner.name)
 
 
 def config_from_dict(raw: Mapping[str, Any], where: str = "", check_learner: bool = True) -> RunConfig:
