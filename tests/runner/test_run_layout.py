@@ -115,7 +115,8 @@ def test_import_graph_points_down():
         assert not re.search(r"^\s+from fewshot\.api import", text, re.M), path
     learners = {p.stem for p in (PACKAGE / "learners").glob("*.py")} - {
         "__init__", "base", "registry", "common"}
-    subclassed = {("mltp", "standard"): "SupervisedLearner"}
+    subclassed = {("mltp", "standard"): "SupervisedLearner", ("baseline", "transfer"): "Transfer",
+                  ("simpleshot", "transfer"): "Transfer", ("meta_baseline", "transfer"): "Transfer"}
     for name in learners:
         for module, names in _module_imports(PACKAGE / "learners" / f"{name}.py"):
             other = module.rsplit(".", 1)[-1]
@@ -124,6 +125,10 @@ def test_import_graph_points_down():
     for name in ("run", "evaluation"):
         mods = [m for m, _ in _module_imports(PACKAGE / f"{name}.py")]
         assert not any(m in ("fewshot.trainer", "fewshot.api") for m in mods), (name, mods)
+    # transductive inference sits beside the learners: it uses their interface, nothing above
+    mods = {m for m, _ in _module_imports(PACKAGE / "transductive.py") if m.startswith("fewshot")}
+    assert mods <= {"fewshot.errors", "fewshot.learners.base", "fewshot.learners.common",
+                    "fewshot.learners.registry"}, mods
 
 
 def test_import_fewshot_stays_light():
