@@ -218,6 +218,7 @@ def _cmd_learners(args) -> int:
     from dataclasses import MISSING, fields
 
     from fewshot.learners import get_learner, list_learners
+    from fewshot.transductive import supports
 
     if args.name:
         cls = get_learner(args.name)
@@ -225,7 +226,8 @@ def _cmd_learners(args) -> int:
         print(f"  paper: {cls.paper}")
         print(f"  trains on: {cls.input_kind}; fine-tunes at test: "
               f"{'yes' if cls.fine_tunes_at_test else 'no'}; autocast: "
-              f"{'yes' if cls.supports_autocast else 'no'}")
+              f"{'yes' if cls.supports_autocast else 'no'}; [eval] inference: "
+              f"{'inductive, bd-cspn, tim' if supports(cls) else 'inductive'}")
         docs = _doc_lines(cls.Config)
         print("  options ([learner] keys; defaults):")
         for f in fields(cls.Config):

@@ -324,3 +324,18 @@ def test_learns_glyphs(learn_glyphs, name):
     # versions and devices, as the other learning tests do
     gain = {"baseline": 0.35, "baseline++": 0.31, "simpleshot": 0.08, "meta_baseline": 0.20}[name]
     assert after - before > gain / 2, (before, after)
+
+
+@pytest.mark.parametrize("name,opts", [("baseline", {}), ("baseline++", {}), ("simpleshot", {}),
+                                       ("meta_baseline", {"pretrain_steps": 1}),
+                                       ("meta_baseline", {"pretrain_steps": 0})])
+def test_autocast_step_close_to_float32(tiny_net, make_episode, steps_agree_under_autocast, name, opts):
+    """The declared autocast safety (inherited from the transfer baseline) holds in both of
+    Meta-Baseline's stages."""
+    torch.manual_seed(0)
+    cls = get_learner(name)
+    assert cls.supports_autocast
+    learner = cls(cls.Config(**opts), in_channels=1, image_size=8, num_classes=12,
+                  backbone=tiny_net(1, 8))
+    ep = make_episode(ways=3, shots=2, queries=3, noise=1.0, num_base=12)
+    steps_agree_under_autocast(learner, [ep])
