@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from fewshot.learners.base import LearnerConfig
 from fewshot.learners.common import (CosineHead, check_episode, chen_cosine_scale, cosine_logits,
-                                     eval_mode, fraction, meta_adam, positive_float, positive_int)
+                                     encode_episode, eval_mode, fraction, meta_adam, positive_float,
+                                     positive_int)
 from fewshot.learners.registry import register_learner
 from fewshot.learners.transfer import Transfer
 
@@ -124,12 +125,8 @@ class Baseline(Transfer):
     def episode_features(self, episode) -> Tuple[Tensor, Tensor]:
         """(support, query) features f_θ(x), flat, in eval mode (running BatchNorm statistics),
         without a graph."""
-        body = self.net.backbone
         with eval_mode(self), torch.no_grad():
-            z = body(torch.cat([episode.support_x, episode.query_x]))
-        z = z.reshape(z.shape[0], -1)
-        s = episode.support_x.shape[0]
-        return z[:s], z[s:]
+            return encode_episode(self.net.backbone, episode)
 
     def predict(self, episode) -> Tensor:
         """Fine-tune a new N-way classifier on the fixed support features (:func:`fine_tune_head`);

@@ -26,7 +26,7 @@ __all__ = ["positive_int", "positive_float", "choice", "fraction", "boolean", "c
            "squared_euclidean_logits", "one_hot", "meta_adam", "batches_tasks", "stack",
            "all_examples", "stacked_examples", "episode_tensors", "batched_query_loss", "support_loss", "batched_episode_update",
            "FEATURE_NORMS", "l2_normalize", "normalize_features", "cosine_logits",
-           "chen_cosine_scale", "CosineHead"]
+           "chen_cosine_scale", "encode_episode", "CosineHead"]
 
 
 # ------------------------------------------------------------------ option checks
@@ -388,10 +388,12 @@ def normalize_features(z: Tensor, norm: str, mean: Optional[Tensor] = None) -> T
         if mean is None:
             raise ConfigError("feature normalisation 'CL2N' needs the base-class mean feature")
         return l2_normalize(z - mean)
-    raise ConfigError(f"feature normalisation must be one of {', '.join(FEATURE_NORMS)}, got {norm!r}")
+    raise ConfigError(f"feature normalisation must be one of {', '.join(FEATURE_NORMS)}, "
+                      f"got {norm!r}")
 
 
-def cosine_logits(z: Tensor, w: Tensor, scale: Union[float, Tensor] = 1.0, eps: float = 1e-12) -> Tensor:
+def cosine_logits(z: Tensor, w: Tensor, scale: Union[float, Tensor] = 1.0,
+                  eps: float = 1e-12) -> Tensor:
     """s · cos(z_i, w_k) = s · ⟨z_i/‖z_i‖, w_k/‖w_k‖⟩ for each row z_i and class vector w_k, (.., Q, N).
 
     Baseline++'s class scores (Chen et al. 2019, sec. 3.2, with w_k the class weight vectors)
@@ -405,6 +407,17 @@ def chen_cosine_scale(classes: int) -> float:
     up to 200 classes, 10 above ("in omniglot, a larger scale factor is required to handle
     >1000 output classes")."""
     return 2.0 if classes <= 200 else 10.0
+
+
+def encode_episode(encoder: nn.Module, episode) -> Tuple[Tensor, Tensor]:
+    """(support, query) features of an episode, (S, D) and (Q, D): both sets through ``encoder``
+    in one batch, flattened, half precision (autocast) raised to float32."""
+    z = encoder(torch.cat([episode.support_x, episode.query_x]))
+    z = z.reshape(z.shape[0], -1)
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    s = episode.support_x.shape[0]
+    return z[:s], z[s:]
 
 
 class CosineHead(nn.Module):

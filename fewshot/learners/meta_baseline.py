@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.learners.base import LearnerConfig
-from fewshot.learners.common import (check_batch, check_episode, cosine_logits, eval_mode,
-                                     fraction, mean_episode_update, positive_float, positive_int,
-                                     prototypes)
+from fewshot.learners.common import (check_batch, check_episode, cosine_logits, encode_episode,
+                                     eval_mode, fraction, mean_episode_update, positive_float,
+                                     positive_int, prototypes)
 from fewshot.learners.registry import register_learner
 from fewshot.learners.transfer import Transfer
 
@@ -94,12 +94,7 @@ class MetaBaseline(Transfer):
     def episode_features(self, episode) -> Tuple[Tensor, Tensor]:
         """(support, query) encoder features f_θ(x), flat, float32 at least, in the learner's
         current mode (callers choose eval mode for prediction)."""
-        z = self.net.backbone(torch.cat([episode.support_x, episode.query_x]))
-        z = z.reshape(z.shape[0], -1)
-        if z.dtype in (torch.float16, torch.bfloat16):
-            z = z.float()
-        s = episode.support_x.shape[0]
-        return z[:s], z[s:]
+        return encode_episode(self.net.backbone, episode)
 
     def prototype_logits(self, query_z: Tensor, protos: Tensor) -> Tensor:
         """⟨f_θ(x), w_c⟩_cos · τ (eq. 2)."""

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fewshot.learners.base import LearnerConfig, require
-from fewshot.learners.common import (FEATURE_NORMS, check_episode, choice, eval_mode,
-                                     normalize_features, prototypes, squared_euclidean_logits)
+from fewshot.learners.common import (FEATURE_NORMS, check_episode, choice, encode_episode,
+                                     eval_mode, normalize_features, prototypes,
+                                     squared_euclidean_logits)
 from fewshot.learners.registry import register_learner
 from fewshot.learners.transfer import Transfer
 
@@ -99,10 +100,10 @@ class SimpleShot(Transfer):
     def episode_features(self, episode) -> Tuple[Tensor, Tensor]:
         """(support, query) features x̂ after ``feature_norm``, eval mode, no graph."""
         with eval_mode(self), torch.no_grad():
-            z = self.net.backbone(torch.cat([episode.support_x, episode.query_x]))
-        z = normalize_features(z.reshape(z.shape[0], -1), self.config.feature_norm, self.base_mean)
-        s = episode.support_x.shape[0]
-        return z[:s], z[s:]
+            fs, fq = encode_episode(self.net.backbone, episode)
+        c = self.config
+        return (normalize_features(fs, c.feature_norm, self.base_mean),
+                normalize_features(fq, c.feature_norm, self.base_mean))
 
     def prototype_logits(self, query_z: Tensor, protos: Tensor) -> Tensor:
         """−‖x̂ − c̄_k‖² (nearest centroid in Euclidean distance)."""
