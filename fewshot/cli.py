@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", help="split to evaluate (default: the run's test split)")
     e.add_argument("--seed", type=int, help="seed of the episodes (default: the run's eval.seed)")
     e.add_argument("--checkpoint", choices=["best", "last"], help="weights to evaluate")
+    e.add_argument("--inference", help="inductive, bd-cspn or tim (transductive, metric learners "
+                                       "only; default: the run's eval.inference)")
     e.add_argument("--device", help="auto, cpu, cuda")
     e.add_argument("--quiet", action="store_true")
     _add_bench_parser(sub)
@@ -340,7 +342,8 @@ def _cmd_eval(args) -> int:
     run = open_run(args.run_dir)
     grid = evaluate_run(run, ways=args.ways, shots=args.shots, queries=args.queries,
                         episodes=args.episodes, split=args.split, seed=args.seed,
-                        checkpoint=args.checkpoint, device=args.device, quiet=args.quiet)
+                        checkpoint=args.checkpoint, device=args.device, quiet=args.quiet,
+                        inference=args.inference)
     print(grid.table(), end="")
     print(f"written: {Path(args.run_dir) / 'results.json'}, results.csv, results.md")
     return 0

@@ -321,7 +321,8 @@ def evaluate_run(run: Run, *, ways: Optional[Sequence[int]] = None, shots: Optio
                  queries: Optional[int] = None, episodes: Optional[int] = None,
                  split: Optional[str] = None, seed: Optional[int] = None,
                  checkpoint: Optional[str] = None, device=None, quiet: bool = True,
-                 learner=None, write: bool = True, rank: int = 0, world: int = 1) -> GridResult:
+                 learner=None, write: bool = True, rank: int = 0, world: int = 1,
+                 inference: Optional[str] = None) -> GridResult:
     """Evaluate a run's weights on the grid (arguments default to the run's [eval] table).
 
     ``learner`` given (the trainer's, at the end of training) is used as is only when
@@ -336,6 +337,8 @@ def evaluate_run(run: Run, *, ways: Optional[Sequence[int]] = None, shots: Optio
     split = split or cfg.eval_split()
     seed = e.seed if seed is None else seed
     checkpoint = checkpoint or e.checkpoint
+    inference = inference or e.inference
+    check_inference(inference, cfg.learner.name)
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"--checkpoint must be best or last, got {checkpoint!r}")
     dev = resolve_device(str(device) if device is not None else cfg.train.device)
@@ -355,7 +358,7 @@ def evaluate_run(run: Run, *, ways: Optional[Sequence[int]] = None, shots: Optio
             grid = evaluate_grid(learner, store, ways=ways, shots=shots, queries=queries,
                                  episodes=episodes, seed=seed, device=dev, quiet=quiet,
                                  dataset=cfg.data.dataset, split=split, checkpoint=label, step=step,
-                                 rank=rank, world=world, inference=e.inference)
+                                 rank=rank, world=world, inference=inference)
     finally:
         store.close()
     grid.run_dir, grid.learner = str(run.run_dir), cfg.learner.name
