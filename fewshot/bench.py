@@ -257,6 +257,8 @@ class BenchResult:
                 flags.append("fine-tunes on the support set")
             if note.get("transductive_bn"):
                 flags.append("transductive BatchNorm")
+            if note.get("inference", "inductive") != "inductive":
+                flags.append(f"transductive inference ({note['inference']})")
             by_reason: Dict[str, List[str]] = {}
             for cell, reason in note.get("skipped", {}).items():
                 by_reason.setdefault(reason, []).append(cell.replace("x", "-way ") + "-shot")
@@ -328,7 +330,7 @@ def _same_grid(grid, cfg) -> bool:
     want = {(w, s) for w in e.ways for s in e.shots}
     have = {c.key for c in grid.cells} | {tuple(int(x) for x in k.split("x"))
                                           for k in grid.extra.get("skipped", {})}
-    return (want <= have and grid.split == cfg.eval_split() and
+    return (want <= have and grid.split == cfg.eval_split() and grid.inference == e.inference and
             all(c.seed == e.seed and c.queries == e.queries and c.episodes == e.episodes
                 for c in grid.cells if c.key in want))
 
@@ -417,6 +419,8 @@ def _aggregate(spec, out_dir, grids, seconds, runs) -> BenchResult:
     for label, gl in grids.items():
         notes[label] = {"fine_tunes": any(g.fine_tunes for g in gl),
                         "transductive_bn": any(g.transductive_bn for g in gl),
+                        "inference": next((g.inference for g in gl if g.inference != "inductive"),
+                                          "inductive"),
                         "skipped": {k: v for g in gl for k, v in g.extra.get("skipped", {}).items()}}
         table[label], per_episode[label] = {}, {}
         for key in cells:

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "run's eval.dataset, else its training dataset)")
     e.add_argument("--seed", type=int, help="seed of the episodes (default: the run's eval.seed)")
     e.add_argument("--checkpoint", choices=["best", "last"], help="weights to evaluate")
+    e.add_argument("--inference", help="inductive, bd-cspn or tim (transductive, metric learners "
+                                       "only; default: the run's eval.inference)")
     e.add_argument("--device", help="auto, cpu, cuda")
     e.add_argument("--quiet", action="store_true")
     _add_bench_parser(sub)
@@ -250,6 +252,7 @@ def _cmd_learners(args) -> int:
     from dataclasses import MISSING, fields
 
     from fewshot.learners import get_learner, list_learners
+    from fewshot.transductive import supports
 
     if args.name:
         cls = get_learner(args.name)
@@ -257,7 +260,8 @@ def _cmd_learners(args) -> int:
         print(f"  paper: {cls.paper}")
         print(f"  trains on: {cls.input_kind}; fine-tunes at test: "
               f"{'yes' if cls.fine_tunes_at_test else 'no'}; autocast: "
-              f"{'yes' if cls.supports_autocast else 'no'}")
+              f"{'yes' if cls.supports_autocast else 'no'}; [eval] inference: "
+              f"{'inductive, bd-cspn, tim' if supports(cls) else 'inductive'}")
         docs = _doc_lines(cls.Config)
         print("  options ([learner] keys; defaults):")
         for f in fields(cls.Config):
@@ -371,7 +375,8 @@ def _cmd_eval(args) -> int:
     grid = evaluate_run(run, ways=args.ways, shots=args.shots, queries=args.queries,
                         episodes=args.episodes, split=args.split, seed=args.seed,
                         checkpoint=args.checkpoint, device=args.device, quiet=args.quiet,
-                        dataset=args.dataset)
+                        dataset=args.dataset,
+                        inference=args.inference)
     print(grid.table(), end="")
     print(f"written: {Path(args.run_dir) / 'results.json'}, results.csv, results.md")
     return 0

@@ -36,6 +36,7 @@ else:  # pragma: no cover - Python 3.10
 from fewshot.atomic import atomic_write_text
 from fewshot.errors import ConfigError, closest
 from fewshot.learners import get_learner
+from fewshot.transductive import check_inference
 
 __all__ = [
     "DataConfig", "LearnerSection", "TrainConfig", "EvalConfig", "RunConfig",
@@ -134,6 +135,9 @@ class EvalConfig:
     dataset: Optional[str] = _f(None, "dataset to evaluate (cross-domain evaluation: its images "
                                       "are brought to the run's size and channels); default: "
                                       "data.dataset (the first source of a multi-source run)")
+    inference: str = _f("inductive", "inductive (the learner's predict), or transductive over each "
+                                     "episode's query set: bd-cspn (BD-CSPN prototype "
+                                     "rectification) or tim (TIM-GD); metric learners only")
 
 
 @dataclass
@@ -389,6 +393,7 @@ def _validate(cfg: RunConfig, where: str) -> None:
     if e.checkpoint not in ("best", "last"):
         raise ConfigError(f"config key 'eval.checkpoint' must be 'best' or 'last', found "
                           f"{e.checkpoint!r}{src}")
+    check_inference(e.inference, cfg.learner.name)
 
 
 def _validate_sources(cfg: RunConfig, src: str) -> None:

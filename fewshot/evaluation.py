@@ -46,6 +46,8 @@ from fewshot.learners.common import episode_tensors
 from fewshot.learners.standard import topk_correct
 from fewshot.report import CellResult, GridResult, mean_ci, write_results
 from fewshot.run import Run, resolve_device
+from fewshot.transductive import check_inference
+from fewshot.transductive import predict as transductive_predict
 
 __all__ = ["check_grid", "grid_cells", "episode_fingerprint", "shard_indices",
            "gather_accuracies", "evaluate_episodes", "evaluate_grid", "bn_probe",
@@ -176,8 +178,11 @@ def unsupported_reason(learner, ways: int) -> Optional[str]:
     return None
 
 
-def _predict(learner, episode) -> torch.Tensor:
-    logits = learner.predict(episode)
+def _predict(learner, episode, inference: str = "inductive") -> torch.Tensor:
+    """``learner.predict(episode)``, or the transductive ``inference`` on the learner's features
+    (:mod:`fewshot.transductive`); the logits' shape is checked."""
+    logits = (learner.predict(episode) if inference == "inductive"
+              else transductive_predict(learner, episode, inference))
     if logits.dim() != 2 or logits.shape != (episode.query_y.numel(), episode.ways):
         raise ConfigError(f"learner '{getattr(learner, 'name', '?')}' returned logits of shape "
                           f"{tuple(logits.shape)} for a {episode.ways}-way episode with "
@@ -197,16 +202,17 @@ def _batching_option(learner) -> str:
     return getattr(getattr(learner, "config", None), "task_batching", "off")
 
 
-def _predict_chunk(learner, eps: List) -> List[torch.Tensor]:
+def _predict_chunk(learner, eps: List, inference: str = "inductive") -> List[torch.Tensor]:
     """Per-episode logits of ``eps``: one ``predict_batch`` call when the learner's
-    task_batching resolves to on for these (equal-shaped) episodes, else one by one."""
+    task_batching resolves to on for these (equal-shaped) episodes, else one by one
+    (always one by one under transductive ``inference``)."""
     tasks = [episode_tensors(e) for e in eps]
     shapes = task_shapes(tasks)
-    option = _batching_option(learner)
+    option = _batching_option(learner) if inference == "inductive" else "off"
     if (len(eps) < 2 or option == "off" or any(sh != shapes[0] for sh in shapes)
             or not resolve_task_batching(option, tasks, learner.device,
                                          f"learner '{getattr(learner, 'name', '?')}'")):
-        return [_predict(learner, e) for e in eps]
+        return [_predict(learner, e, inference) for e in eps]
     logits = learner.predict_batch(eps)
     ep = eps[0]
     if logits.shape != (len(eps), ep.query_y.numel(), ep.ways):
@@ -218,7 +224,8 @@ def _predict_chunk(learner, eps: List) -> List[torch.Tensor]:
 
 def evaluate_episodes(learner, episodes, indices: Sequence[int], device="cpu",
                       progress: Optional[Callable[[int], None]] = None,
-                      chunk: int = EVAL_TASK_CHUNK) -> Tuple[List[float], bool]:
+                      chunk: int = EVAL_TASK_CHUNK,
+                      inference: str = "inductive") -> Tuple[List[float], bool]:
     """Accuracies of ``learner.predict`` on ``episodes[i]`` for i in ``indices``.
 
     Returns (accuracies, transductive_bn). The learner is put in eval mode for the call
@@ -226,7 +233,9 @@ def evaluate_episodes(learner, episodes, indices: Sequence[int], device="cpu",
     with ``predict_batch`` whose ``task_batching`` resolves to on fine-tunes up to ``chunk``
     equal-shaped episodes at once (the same logits per episode as ``predict``, to
     rounding); the first episode always runs through ``predict`` so that
-    :func:`bn_probe` sees which BatchNorm statistics the learner uses.
+    :func:`bn_probe` sees which BatchNorm statistics the learner uses. ``inference`` other
+    than "inductive" classifies each episode's queries transductively
+    (:func:`fewshot.transductive.predict`).
     """
     was_training = learner.training
     learner.eval()
@@ -239,7 +248,7 @@ def evaluate_episodes(learner, episodes, indices: Sequence[int], device="cpu",
             while start < len(order):
                 size = 1 if start == 0 or _batching_option(learner) == "off" else max(1, chunk)
                 eps = [episodes[i].to(device) for i in order[start:start + size]]
-                for ep, logits in zip(eps, _predict_chunk(learner, eps)):
+                for ep, logits in zip(eps, _predict_chunk(learner, eps, inference)):
                     pending.append((logits.detach().argmax(-1) == ep.query_y).float().mean())
                     if progress is not None:
                         progress(1)
@@ -257,12 +266,16 @@ def evaluate_episodes(learner, episodes, indices: Sequence[int], device="cpu",
 def evaluate_grid(learner, store, *, ways: Sequence[int], shots: Sequence[int], queries: int = 15,
                   episodes: int = 600, seed: int = 2024, device="cpu", rank: int = 0, world: int = 1,
                   quiet: bool = True, dataset: Optional[str] = None, split: Optional[str] = None,
-                  checkpoint: str = "", step: int = 0, all_gather=None) -> GridResult:
+                  checkpoint: str = "", step: int = 0, all_gather=None,
+                  inference: str = "inductive") -> GridResult:
     """Evaluate ``learner`` on every (ways, shots) cell of fixed episodes of ``store``.
 
     Each cell uses ``fixed_episodes(store, ways, shots, queries, episodes, seed)``.
-    ``rank``/``world`` shard the episodes (see :func:`gather_accuracies`).
+    ``rank``/``world`` shard the episodes (see :func:`gather_accuracies`). ``inference``:
+    "inductive" (``learner.predict``), "bd-cspn" or "tim" (:mod:`fewshot.transductive`; the
+    result is flagged transductive).
     """
+    check_inference(inference, getattr(learner, "name", type(learner).__name__), learner)
     check_grid(store, ways, shots, queries)
     cells = grid_cells(ways, shots)
     bar = None
@@ -284,7 +297,8 @@ def evaluate_grid(learner, store, *, ways: Sequence[int], shots: Sequence[int], 
             t0 = time.perf_counter()
             eps = fixed_episodes(store, w, s, queries, episodes, seed, device=device)
             local, trans = evaluate_episodes(learner, eps, shard_indices(episodes, rank, world),
-                                             device=device, progress=bar.update if bar else None)
+                                             device=device, progress=bar.update if bar else None,
+                                             inference=inference)
             acc = gather_accuracies(local, episodes, rank, world, all_gather=all_gather)
             transductive = transductive or trans
             plans = getattr(eps, "plans", None)
@@ -302,7 +316,7 @@ def evaluate_grid(learner, store, *, ways: Sequence[int], shots: Sequence[int], 
                       split=split or getattr(store, "split", ""), cells=results,
                       checkpoint=checkpoint, step=step, transductive_bn=transductive,
                       fine_tunes=bool(getattr(learner, "fine_tunes_at_test", False)),
-                      extra={"skipped": skipped} if skipped else {})
+                      inference=inference, extra={"skipped": skipped} if skipped else {})
 
 
 # ------------------------------------------------------------- evaluation of a run
@@ -311,7 +325,8 @@ def evaluate_run(run: Run, *, ways: Optional[Sequence[int]] = None, shots: Optio
                  split: Optional[str] = None, seed: Optional[int] = None,
                  checkpoint: Optional[str] = None, device=None, quiet: bool = True,
                  learner=None, write: bool = True, rank: int = 0, world: int = 1,
-                 dataset: Optional[str] = None) -> GridResult:
+                 dataset: Optional[str] = None,
+                 inference: Optional[str] = None) -> GridResult:
     """Evaluate a run's weights on the grid (arguments default to the run's [eval] table).
 
     ``dataset`` (default ``eval.dataset``, else the run's first training dataset) may name
@@ -333,6 +348,8 @@ def evaluate_run(run: Run, *, ways: Optional[Sequence[int]] = None, shots: Optio
     split = split or cfg.eval_split()
     seed = e.seed if seed is None else seed
     checkpoint = checkpoint or e.checkpoint
+    inference = inference or e.inference
+    check_inference(inference, cfg.learner.name)
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"--checkpoint must be best or last, got {checkpoint!r}")
     dev = resolve_device(str(device) if device is not None else cfg.train.device)
@@ -352,7 +369,7 @@ def evaluate_run(run: Run, *, ways: Optional[Sequence[int]] = None, shots: Optio
             grid = evaluate_grid(learner, store, ways=ways, shots=shots, queries=queries,
                                  episodes=episodes, seed=seed, device=dev, quiet=quiet,
                                  dataset=dataset, split=split, checkpoint=label, step=step,
-                                 rank=rank, world=world)
+                                 rank=rank, world=world, inference=inference)
     finally:
         store.close()
     grid.run_dir, grid.learner = str(run.run_dir), cfg.learner.name

@@ -120,6 +120,7 @@ class GridResult:
     step: int = 0                 # training steps of those weights
     transductive_bn: bool = False  # BatchNorm used the query batch's statistics at test
     fine_tunes: bool = False      # predict() fine-tuned on the support set
+    inference: str = "inductive"  # or a transductive method over the query set (bd-cspn, tim)
     run_dir: Optional[str] = None
     extra: Dict[str, Any] = field(default_factory=dict)
     # the dataset(s) the weights were trained on ("a+b" for several sources); "" in files
@@ -221,6 +222,9 @@ def markdown_table(grid: GridResult, title: Optional[str] = None) -> str:
     notes.append("BatchNorm: " + ("transductive (query-batch statistics)" if grid.transductive_bn
                                   else "running statistics / none"))
     notes.append("fine-tunes on the support set" if grid.fine_tunes else "no test-time fine-tuning")
+    if grid.inference != "inductive":
+        notes.append(f"inference: transductive ({grid.inference}: the whole query set of each "
+                     f"episode is used)")
     if grid.checkpoint:
         notes.append(f"weights: {grid.checkpoint}")
     for cell, reason in grid.extra.get("skipped", {}).items():

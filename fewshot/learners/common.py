@@ -8,7 +8,7 @@ Imports: base, errors, inner_loop (never a learner module).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,7 +25,9 @@ __all__ = ["positive_int", "positive_float", "choice", "fraction", "boolean", "c
            "minibatch_indices", "minibatch_loss", "class_sums", "prototypes",
            "squared_euclidean_logits", "one_hot", "meta_adam", "batches_tasks", "stack",
            "all_examples", "stacked_examples", "episode_tensors", "batched_query_loss", "support_loss", "batched_episode_update",
-           "MultiStepLoss"]
+           "MultiStepLoss",
+           "FEATURE_NORMS", "l2_normalize", "normalize_features", "cosine_logits",
+           "chen_cosine_scale", "encode_episode", "CosineHead"]
 
 
 # ------------------------------------------------------------------ option checks
@@ -416,3 +418,90 @@ def ridge_regression(x: Tensor, y: Tensor, lam: Tensor) -> Tensor:
     gram = x @ x.transpose(-1, -2)  # (S, S)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     return x.transpose(-1, -2) @ torch.linalg.solve(gram + lam * eye, y)
+
+
+# ------------------------------------------ cosine heads and feature normalisations
+#: feature normalisations of SimpleShot (Wang et al. 2019, sec. 3.2): unnormalised, L2, centred L2
+FEATURE_NORMS = ("UN", "L2N", "CL2N")
+
+
+def l2_normalize(z: Tensor, eps: float = 1e-12) -> Tensor:
+    """L2N: x̂ = x / ‖x‖₂ per row (SimpleShot sec. 3.2); rows of norm 0 stay 0."""
+    return z / z.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def normalize_features(z: Tensor, norm: str, mean: Optional[Tensor] = None) -> Tensor:
+    """SimpleShot's feature transformation (Wang et al. 2019, sec. 3.2) of rows ``z``.
+
+    UN: z as is. L2N: z / ‖z‖. CL2N: (z − x̄) / ‖z − x̄‖ with x̄ the mean feature of the
+    base (training) set, ``mean``.
+    """
+    if norm == "UN":
+        return z
+    if norm == "L2N":
+        return l2_normalize(z)
+    if norm == "CL2N":
+        if mean is None:
+            raise ConfigError("feature normalisation 'CL2N' needs the base-class mean feature")
+        return l2_normalize(z - mean)
+    raise ConfigError(f"feature normalisation must be one of {', '.join(FEATURE_NORMS)}, "
+                      f"got {norm!r}")
+
+
+def cosine_logits(z: Tensor, w: Tensor, scale: Union[float, Tensor] = 1.0,
+                  eps: float = 1e-12) -> Tensor:
+    """s · cos(z_i, w_k) = s · ⟨z_i/‖z_i‖, w_k/‖w_k‖⟩ for each row z_i and class vector w_k, (.., Q, N).
+
+    Baseline++'s class scores (Chen et al. 2019, sec. 3.2, with w_k the class weight vectors)
+    and Meta-Baseline's ⟨z, w_k⟩_cos · τ (Chen et al. 2021, eq. 2, w_k the prototypes).
+    """
+    return scale * (l2_normalize(z, eps) @ l2_normalize(w, eps).transpose(-1, -2))
+
+
+def chen_cosine_scale(classes: int) -> float:
+    """The fixed scale of Baseline++'s cosine head in Chen et al.'s code (``distLinear``): 2 for
+    up to 200 classes, 10 above ("in omniglot, a larger scale factor is required to handle
+    >1000 output classes")."""
+    return 2.0 if classes <= 200 else 10.0
+
+
+def encode_episode(encoder: nn.Module, episode) -> Tuple[Tensor, Tensor]:
+    """(support, query) features of an episode, (S, D) and (Q, D): both sets through ``encoder``
+    in one batch, flattened, half precision (autocast) raised to float32."""
+    z = encoder(torch.cat([episode.support_x, episode.query_x]))
+    z = z.reshape(z.shape[0], -1)
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    s = episode.support_x.shape[0]
+    return z[:s], z[s:]
+
+
+class CosineHead(nn.Module):
+    """Baseline++'s classifier (Chen et al. 2019, sec. 3.2; ``distLinear`` of their code).
+
+    Scores s · g_k ⟨x/‖x‖, v_k/‖v_k‖⟩: the weight vectors w_k = g_k v_k/‖v_k‖ are weight
+    normalised (Salimans & Kingma) with a learnable per-class norm g_k initialised to ‖v_k‖ as
+    ``WeightNorm.apply(..., dim=0)`` does ("class-wise learnable norm", their issues #4 and #8);
+    ``learnable_norm=False`` fixes g_k = 1 (the paper's plain cosine). No bias. ``scale`` is
+    :func:`chen_cosine_scale` of the number of classes unless given. The ``x`` norm gets their
+    1e-5 guard: x / (‖x‖ + 1e-5).
+    """
+
+    def __init__(self, in_features: int, classes: int, scale: Optional[float] = None,
+                 learnable_norm: bool = True):
+        super().__init__()
+        self.scale = float(scale if scale is not None else chen_cosine_scale(classes))
+        linear = nn.Linear(in_features, classes, bias=False)  # PyTorch's default init, as theirs
+        self.weight_v = nn.Parameter(linear.weight.detach().clone())
+        norms = linear.weight.detach().norm(dim=1)
+        self.weight_g = nn.Parameter(norms) if learnable_norm else None
+        self.in_features, self.out_features = in_features, classes
+
+    def weight(self) -> Tensor:
+        """w_k = g_k v_k / ‖v_k‖ (rows)."""
+        direction = l2_normalize(self.weight_v)
+        return direction if self.weight_g is None else self.weight_g.unsqueeze(1) * direction
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.reshape(x.shape[0], -1)
+        return self.scale * (x / (x.norm(dim=1, keepdim=True) + 1e-5)) @ self.weight().t()

@@ -69,17 +69,22 @@ class ProtoNet(Learner):
         self.optimizers["meta"] = meta_adam(self.encoder.parameters(), self.config.lr)
         halve_lr_every(self, self.config.lr_halve_every)
 
-    def episode_logits(self, episode) -> Tensor:
-        """(Q, N) logits −‖f_φ(x̃) − c_k‖² of the episode's queries.
-
-        Support and query images go through the encoder in one batch; distances are
-        computed in float32 even under autocast.
-        """
+    def episode_features(self, episode) -> Tuple[Tensor, Tensor]:
+        """(support, query) embeddings f_φ(x), flat, in float32 even under autocast; support
+        and query images go through the encoder in one batch (in the learner's current mode)."""
         s = episode.support_x.shape[0]
         z = self.encoder(torch.cat([episode.support_x, episode.query_x], 0))
         z = z.reshape(z.shape[0], -1).float()
-        protos = prototypes(z[:s], episode.support_y, episode.ways)
-        return squared_euclidean_logits(z[s:], protos)
+        return z[:s], z[s:]
+
+    def prototype_logits(self, query_z: Tensor, protos: Tensor) -> Tensor:
+        """−‖f_φ(x̃) − c_k‖² (Snell et al. eq. 2)."""
+        return squared_euclidean_logits(query_z, protos)
+
+    def episode_logits(self, episode) -> Tensor:
+        """(Q, N) logits −‖f_φ(x̃) − c_k‖² of the episode's queries."""
+        fs, fq = self.episode_features(episode)
+        return self.prototype_logits(fq, prototypes(fs, episode.support_y, episode.ways))
 
     def episode_loss(self, episode) -> Tuple[Tensor, Tensor]:
         """(J(φ) = cross-entropy of the query logits (Snell et al. eq. 2-3), logits)."""

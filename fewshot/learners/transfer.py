@@ -85,7 +85,7 @@ class Transfer(Learner):
         super().__init__(config, in_channels=in_channels, image_size=image_size,
                          num_classes=num_classes, backbone=backbone)
         if not isinstance(num_classes, int) or num_classes < 2:
-            raise ConfigError(f"learner 'transfer' needs num_classes, the number of training "
+            raise ConfigError(f"learner '{self.name}' needs num_classes, the number of training "
                               f"(base) classes (>= 2), got {num_classes!r}")
         #: body + head over all base classes
         self.net = HeadNet(self.make_backbone(), num_classes)
@@ -95,7 +95,7 @@ class Transfer(Learner):
         xs, ys = [], []
         for i, ep in enumerate(episodes):
             if ep.base_support_y is None or ep.base_query_y is None:
-                raise ConfigError("learner 'transfer' trains on base-class labels: episode "
+                raise ConfigError(f"learner '{self.name}' trains on base-class labels: episode "
                                   f"{i} has no base_support_y/base_query_y (use a sampler "
                                   "that keeps store class ids)")
             xs += [ep.support_x, ep.query_x]
@@ -104,7 +104,7 @@ class Transfer(Learner):
         span = host_label_span(y)  # None on a device: no per-step sync
         lo, hi = span if span is not None else (0, 0)
         if lo < 0 or hi >= self.num_classes:
-            raise ConfigError(f"episode base-class labels span {lo}..{hi} but learner 'transfer' "
+            raise ConfigError(f"episode base-class labels span {lo}..{hi} but learner '{self.name}' "
                               f"was built for num_classes={self.num_classes}; build it with the "
                               f"training store's number of classes")
         return torch.cat(xs), y
@@ -116,14 +116,18 @@ class Transfer(Learner):
         self.train()
         opt = self.optimizers["meta"]
         opt.zero_grad(set_to_none=True)
-        logits = self.net(x)
-        loss = F.cross_entropy(logits, y)
+        loss, logits = self.base_class_loss(x, y)
         loss.backward()
         loss = loss.detach()
         self.check_finite(loss, self.steps_done)
         self.outer_step("meta")
         self.steps_done += 1
         return {"loss": loss, "acc": accuracy(logits.detach(), y)}
+
+    def base_class_loss(self, x: Tensor, y: Tensor):
+        """(L(θ) = mean cross-entropy of f_θ(x) over base-class labels y, the logits f_θ(x))."""
+        logits = self.net(x)
+        return F.cross_entropy(logits, y), logits
 
     def predict(self, episode) -> Tensor:
         """Fit a new zero-initialised N-way head (and the body if ``finetune_body``) on the

@@ -116,7 +116,9 @@ def test_import_graph_points_down():
     learners = {p.stem for p in (PACKAGE / "learners").glob("*.py")} - {
         "__init__", "base", "registry", "common"}
     subclassed = {("mltp", "standard"): "SupervisedLearner", ("anil", "maml"): "MAML",
-                  ("boil", "maml"): "MAML", ("maml_pp", "maml"): "MAML"}
+                  ("boil", "maml"): "MAML", ("maml_pp", "maml"): "MAML",
+                  ("baseline", "transfer"): "Transfer", ("simpleshot", "transfer"): "Transfer",
+                  ("meta_baseline", "transfer"): "Transfer"}
     for name in learners:
         for module, names in _module_imports(PACKAGE / "learners" / f"{name}.py"):
             other = module.rsplit(".", 1)[-1]
@@ -125,6 +127,10 @@ def test_import_graph_points_down():
     for name in ("run", "evaluation"):
         mods = [m for m, _ in _module_imports(PACKAGE / f"{name}.py")]
         assert not any(m in ("fewshot.trainer", "fewshot.api") for m in mods), (name, mods)
+    # transductive inference sits beside the learners: it uses their interface, nothing above
+    mods = {m for m, _ in _module_imports(PACKAGE / "transductive.py") if m.startswith("fewshot")}
+    assert mods <= {"fewshot.errors", "fewshot.learners.base", "fewshot.learners.common",
+                    "fewshot.learners.registry"}, mods
 
 
 def test_import_fewshot_stays_light():
