@@ -250,7 +250,12 @@ class BenchResult:
         if len(self.table) > 1:
             text += (f". */†: significantly above/below {first} (paired 95% CI of the "
                      f"per-episode differences excludes 0)")
-        lines += ["", text + "."]
+        lines += ["", text + "."] + self._note_lines()
+        return "\n".join(lines) + "\n"
+
+    def _note_lines(self) -> List[str]:
+        """One ``- label: flags.`` line per learner with a test-time behaviour or n/a cells."""
+        lines = []
         for label, note in self.notes.items():
             flags = []
             if note.get("fine_tunes"):
@@ -266,7 +271,7 @@ class BenchResult:
                 flags.append(f"n/a for {', '.join(cs)}: {reason}")
             if flags:
                 lines.append(f"- {label}: {'; '.join(flags)}.")
-        return "\n".join(lines) + "\n"
+        return lines
 
     def to_dict(self) -> Dict[str, Any]:
         return {"name": self.spec.name, "spec": self.spec.source, "seeds": self.spec.seeds,
