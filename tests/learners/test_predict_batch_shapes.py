@@ -13,7 +13,7 @@ from .any_learner import NUM_BASE, SIZE, WAYS, build
 from .conftest import random_episode
 
 BATCH_PREDICTORS = [n for n, c in list_learners().items()
-                    if hasattr(c, "predict_batch") and c.input_kind in ("episodes", "pairs")]
+                    if callable(getattr(c, "predict_batch", None)) and c.input_kind in ("episodes", "pairs")]
 
 
 def _episode(ways, shots, queries, seed):
