@@ -177,18 +177,24 @@ class InnerLoop(nn.Module):
             N(1e-3, 1e-3) on CIFAR); needs ``generator`` for reproducibility.
         adam_betas, adam_eps: Adam's constants for ``optimizer="adam"`` (Reptile's code uses
             β1 = 0).
+        recompute: second-order SGD steps keep no graph in the forward pass and are
+            recomputed one at a time in the backward pass (:class:`_RecomputedStep`): the
+            same meta-gradients, peak memory nearly flat in the number of steps.
     """
 
     def __init__(self, model: nn.Module, steps: int = 1, lr: Union[float, Mapping[str, float]] = 0.01,
                  learn_lr: bool = False, lr_per: str = "tensor", adapt: Selector = "all",
                  first_order: bool = False, bn: str = "transductive", optimizer: str = "sgd",
                  lr_init_std: float = 0.0, adam_betas: Sequence[float] = (0.0, 0.999),
-                 adam_eps: float = 1e-8, generator: Optional[torch.Generator] = None):
+                 adam_eps: float = 1e-8, generator: Optional[torch.Generator] = None,
+                 recompute: bool = False):
         super().__init__()
         _check_options(steps, bn, optimizer, lr_per, lr_init_std)
+        _check_recompute(recompute, first_order, optimizer)
         object.__setattr__(self, "_model", model)
         self.steps = steps
         self.first_order = bool(first_order)
+        self.recompute = bool(recompute)
         self.bn = bn
         self.optimizer = optimizer
         self.adam_betas = tuple(float(b) for b in adam_betas)
@@ -205,6 +211,7 @@ class InnerLoop(nn.Module):
         object.__setattr__(self, "_fmodel", None)
         object.__setattr__(self, "_pairs", None)
         object.__setattr__(self, "_alpha_cache", None)  # (α's identity, fixed α per tensor)
+        object.__setattr__(self, "_replaying", False)  # True while a step is recomputed
 
     def _select(self, model: nn.Module, adapt: Selector, lr_per: str) -> None:
         """The adapted tensors (indices, names) and their step-size groups."""
@@ -290,6 +297,8 @@ class InnerLoop(nn.Module):
         if len(params) != len(self.param_names):
             raise ConfigError(f"adapt() got {len(params)} parameter tensors, the model has "
                               f"{len(self.param_names)}")
+        if differentiable and self.recompute:
+            return adapt_recomputed(self, loss_fn, params, steps, alphas)
         create_graph = differentiable and not self.first_order
         idx = self._adapted_idx
         if not differentiable:
@@ -341,6 +350,9 @@ class InnerLoop(nn.Module):
         (``randomness="different"``), not the sequential path's draws.
         """
         steps, differentiable, alphas = self._start(steps, differentiable)
+        if differentiable and self.recompute:
+            raise ConfigError("inner loop option 'recompute' (learner option inner_checkpoint) "
+                              "runs sequentially only: set task_batching='off'")
         n_tasks = _task_count(task_tensors)
         params = list(self._model.parameters())
         if not differentiable:
@@ -621,7 +633,7 @@ class InnerLoop(nn.Module):
         prescribes for this forward: batch statistics (updating a set, or nothing), or a
         set of running statistics read in eval mode."""
         running, target = self._bn_plan(k, pair, step, inner)
-        if target is not None:
+        if target is not None and not self._replaying:
             stats = self._statistics_set(target)
         else:
             stats = (*running, None) if running is not None else (None, None, None)
@@ -753,3 +765,186 @@ def _task_count(task_tensors: Sequence[Tensor]) -> int:
             raise ConfigError(f"adapt_batched(): task tensor {j} has {t.shape[0]} tasks, "
                               f"tensor 0 has {n}")
     return n
+
+
+# ------------------------------------------------------------- recomputed (checkpointed) steps
+def _check_recompute(recompute, first_order: bool, optimizer: str) -> None:
+    """ConfigError for a ``recompute`` the inner loop cannot honour."""
+    if not isinstance(recompute, bool):
+        raise ConfigError(f"inner loop option 'recompute' (learner option inner_checkpoint) must "
+                          f"be true or false, got {recompute!r}")
+    if recompute and first_order:
+        raise ConfigError("inner_checkpoint recomputes second-order inner steps; first-order "
+                          "steps keep no inner graph already: set inner_checkpoint = false "
+                          "or first_order = false")
+    if recompute and optimizer != "sgd":
+        raise ConfigError(f"inner_checkpoint supports inner optimizer 'sgd' only, got "
+                          f"{optimizer!r}: set inner_checkpoint = false")
+
+
+def adapt_recomputed(loop: InnerLoop, loss_fn: Callable, params: List[Tensor], steps: int,
+                     alphas) -> Adapted:
+    """:meth:`InnerLoop.adapt`'s second-order SGD steps, each one a :class:`_RecomputedStep`.
+
+    Same θ_T and same meta-gradients as the ordinary loop, but the forward pass keeps no
+    step's graph: step t saves θ_t (and α) only, and the backward pass recomputes it. Peak
+    memory is one step's double-backward graph plus T copies of the adapted tensors, instead
+    of T steps' graphs.
+    """
+    idx = loop._adapted_idx
+    unique = list({id(a): a for a in alphas if isinstance(a, Tensor)}.values())
+    position = {id(a): j for j, a in enumerate(unique)}
+    extras = [p for p in loop.parameters() if p.requires_grad and id(p) not in position]
+    spec = _StepSpec(loop, loss_fn, [position.get(id(a), a) for a in alphas], len(params),
+                     len(unique))
+    for t in range(steps):
+        spec.t = t
+        new = _RecomputedStep.apply(spec, *params, *unique, *extras)
+        params = list(params)
+        for k, i in enumerate(idx):
+            params[i] = new[k]
+    return Adapted(loop, params, steps)
+
+
+class _StepSpec:
+    """What :class:`_RecomputedStep` needs besides tensors: the loop, the inner loss, the
+    step index, and α per adapted tensor as a float or an index into the α inputs."""
+
+    def __init__(self, loop: InnerLoop, loss_fn: Callable, alpha_of: list, n_params: int,
+                 n_alpha: int):
+        self.loop, self.loss_fn, self.alpha_of = loop, loss_fn, alpha_of
+        self.n_params, self.n_alpha, self.t = n_params, n_alpha, 0
+
+    def split(self, inputs) -> tuple:
+        """(θ_t, α inputs, extra inputs) of a step's flat inputs."""
+        n, m = self.n_params, self.n_alpha
+        return list(inputs[:n]), list(inputs[n:n + m]), list(inputs[n + m:])
+
+    def alpha(self, k: int, alpha_inputs: List[Tensor]):
+        """α of adapted tensor k: an α input, or a fixed float."""
+        a = self.alpha_of[k]
+        return alpha_inputs[a] if isinstance(a, int) else a
+
+    def gradients(self, theta: List[Tensor], create_graph: bool):
+        """(leaves, ∇_{θ[a]} L(θ_t) for the adapted a, None where unused, the loss): the
+        inner loss at detached leaves of θ_t."""
+        loop = self.loop
+        leaves = [p.detach().requires_grad_(True) for p in theta]
+        with torch.enable_grad():
+            loss = self.loss_fn(Adapted(loop, leaves, self.t, inner=True))
+            grads = torch.autograd.grad(loss, [leaves[i] for i in loop._adapted_idx],
+                                        create_graph=create_graph, allow_unused=True)
+        return leaves, grads, loss
+
+
+class _StepState:
+    """The RNG states and train/eval flags at a step's forward, restored for its replay
+    (dropout draws the same masks; BatchNorm takes the same branch) with the replay flag
+    that keeps BatchNorm from updating running statistics a second time."""
+
+    def __init__(self, loop: InnerLoop, tensors: Sequence[Tensor]):
+        self.loop = loop
+        self.devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+        self.flags = [m.training for m in loop.model.modules()]
+
+    @contextlib.contextmanager
+    def replay(self):
+        modules = list(self.loop.model.modules())
+        now = [m.training for m in modules]
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(self.cpu)
+            for d, state in zip(self.devices, self.cuda):
+                torch.cuda.set_rng_state(state, d)
+            try:
+                for m, flag in zip(modules, self.flags):
+                    m.training = flag
+                object.__setattr__(self.loop, "_replaying", True)
+                self.loop._sync()
+                yield
+            finally:
+                object.__setattr__(self.loop, "_replaying", False)
+                for m, flag in zip(modules, now):
+                    m.training = flag
+
+
+def _foreign_leaves(loss: Tensor, known: set) -> int:
+    """How many leaves requiring grad the graph of ``loss`` reaches besides ``known`` (ids)."""
+    found, seen, stack = 0, set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) not in known:
+            found += 1
+        stack.extend(fn for fn, _ in node.next_functions)
+    return found
+
+
+class _RecomputedStep(torch.autograd.Function):
+    """One second-order SGD step θ_{t+1}[a] = θ_t[a] − α_a ∇_a L(θ_t) (MAML eq. 1) whose
+    backward pass recomputes it (activation checkpointing of the inner loop).
+
+    Inputs: θ_t (every parameter tensor, adapted or not), the distinct learnable α tensors,
+    and the inner loop's other parameters ("extras", which a loss may read through the loop).
+    Outputs: θ_{t+1}[a] for the adapted a. Forward: g = ∇L(θ_t) at detached leaves, no
+    graph kept; saves θ_t, α, the RNG states and the train/eval flags. Backward, for the
+    outer gradient v = ∂L'/∂θ_{t+1}[a]: recompute g with ``create_graph`` (same RNG, flags;
+    BatchNorm running statistics are not updated again), then with w = ∂⟨g, α ⊙ v⟩/∂(θ_t,
+    extras) (one ``torch.autograd.grad`` with ``grad_outputs = α ⊙ v``, i.e. α·H_t v):
+
+        ∂L'/∂θ_t[b] = v_b·[b adapted] − w_b,   ∂L'/∂α_a = −⟨v_a, g_a⟩,   ∂L'/∂extra = −w_extra,
+
+    the exact vector-Jacobian product of the step, hence the ordinary second-order
+    meta-gradient (no approximation). A loss that reads any other tensor requiring grad is
+    refused (its gradient could not be returned): ConfigError at the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: _StepSpec, *inputs: Tensor):
+        theta, alpha_in, extras = spec.split(inputs)
+        ctx.spec, ctx.state = spec, _StepState(spec.loop, theta)
+        ctx.t = spec.t
+        leaves, grads, loss = spec.gradients(theta, create_graph=False)
+        known = {id(x) for x in leaves + extras}
+        if _foreign_leaves(loss, known):
+            raise ConfigError("inner_checkpoint: the inner loss reads tensors that require grad "
+                              "besides the network's parameters (e.g. a closure over another "
+                              "model); their meta-gradient would be lost: set "
+                              "inner_checkpoint = false")
+        ctx.save_for_backward(*inputs)
+        out = []
+        for k, i in enumerate(spec.loop._adapted_idx):
+            g = grads[k]
+            a = spec.alpha(k, alpha_in)
+            out.append(theta[i].clone() if g is None else theta[i] - a * g)
+        return tuple(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *v: Tensor):
+        spec = ctx.spec
+        spec.t = ctx.t
+        inputs = ctx.saved_tensors
+        theta, alpha_in, extras = spec.split(inputs)
+        idx = spec.loop._adapted_idx
+        with ctx.state.replay():
+            leaves, grads, _ = spec.gradients(theta, create_graph=True)
+            used = [k for k, g in enumerate(grads) if g is not None and g.requires_grad]
+            wrt = leaves + extras
+            w = (torch.autograd.grad([grads[k] for k in used],
+                                     wrt, [spec.alpha(k, alpha_in) * v[k] for k in used],
+                                     allow_unused=True) if used else [None] * len(wrt))
+        d_theta = [None if x is None else -x for x in w[:len(theta)]]
+        for k, i in enumerate(idx):
+            d_theta[i] = v[k] if d_theta[i] is None else d_theta[i] + v[k]
+        d_alpha = [torch.zeros_like(a) for a in alpha_in]
+        for k, g in enumerate(grads):
+            a = spec.alpha_of[k]
+            if g is not None and isinstance(a, int):
+                d_alpha[a] = d_alpha[a] - (v[k] * g.detach()).sum()
+        d_extra = [None if x is None else -x for x in w[len(theta):]]
+        return (None, *d_theta, *d_alpha, *d_extra)
