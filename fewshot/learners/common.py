@@ -24,6 +24,7 @@ __all__ = ["positive_int", "positive_float", "choice", "fraction", "boolean", "c
            "halve_lr_every", "scale_lrs_at_milestones", "mean_episode_update",
            "minibatch_indices", "minibatch_loss", "class_sums", "prototypes",
            "squared_euclidean_logits", "one_hot", "meta_adam", "batches_tasks", "stack",
+           "check_inner_checkpoint",
            "all_examples", "stacked_examples", "episode_tensors", "batched_query_loss", "support_loss", "batched_episode_update"]
 
 
@@ -62,6 +63,19 @@ def boolean(value, option: str) -> None:
     """ConfigError unless the learner option ``option`` is true or false."""
     require(isinstance(value, bool), f"learner option '{option}' must be true or false, "
                                      f"got {value!r}")
+
+
+def check_inner_checkpoint(config) -> None:
+    """ConfigError for a learner option ``inner_checkpoint`` (recomputed second-order inner
+    steps, :class:`fewshot.inner_loop.InnerLoop`'s ``recompute``) that cannot apply."""
+    boolean(config.inner_checkpoint, "inner_checkpoint")
+    if not config.inner_checkpoint:
+        return
+    require(not config.first_order, "learner option 'inner_checkpoint' recomputes second-order "
+            "inner steps; first-order ones keep no inner graph already: set inner_checkpoint = "
+            "false (or first_order = false)")
+    require(config.task_batching != "on", "learner option 'inner_checkpoint' adapts the "
+            "training tasks one by one: set task_batching = 'auto' or 'off'")
 
 
 # ------------------------------------------------------------------ episode checks
@@ -305,8 +319,12 @@ def episode_tensors(item) -> List[Tensor]:
 
 
 def batches_tasks(learner, items: Sequence) -> bool:
-    """Whether ``learner`` adapts ``items`` (episodes or pairs) as one batched computation."""
-    return resolve_task_batching(learner.config.task_batching,
+    """Whether ``learner`` adapts ``items`` (episodes or pairs) as one batched computation
+    (never under ``inner_checkpoint``: recomputed inner steps run task by task)."""
+    option = learner.config.task_batching
+    if getattr(learner.config, "inner_checkpoint", False):
+        option = "off"
+    return resolve_task_batching(option,
                                  [episode_tensors(it) for it in items], learner.device,
                                  f"learner '{learner.name}'")
 
