@@ -351,8 +351,7 @@ class InnerLoop(nn.Module):
         """
         steps, differentiable, alphas = self._start(steps, differentiable)
         if differentiable and self.recompute:
-            raise ConfigError("inner loop option 'recompute' (learner option inner_checkpoint) "
-                              "runs sequentially only: set task_batching='off'")
+            return adapt_batched_recomputed(self, loss_fn, task_tensors, steps, alphas)
         n_tasks = _task_count(task_tensors)
         params = list(self._model.parameters())
         if not differentiable:
@@ -407,7 +406,8 @@ class InnerLoop(nn.Module):
             loss, aux, stats = fn(full, *task_tensors)
             grads = torch.autograd.grad(loss.sum(), stacked, create_graph=second,
                                         materialize_grads=True)
-        self._apply_bn_stats(targets, stats, seen)
+        if not self._replaying:  # a recomputed step (adapt_batched_recomputed) updates nothing
+            self._apply_bn_stats(targets, stats, seen)
         aux = torch.utils._pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, aux)
         return list(grads), loss.detach(), aux
 
@@ -791,29 +791,49 @@ def adapt_recomputed(loop: InnerLoop, loss_fn: Callable, params: List[Tensor], s
     memory is one step's double-backward graph plus T copies of the adapted tensors, instead
     of T steps' graphs.
     """
-    idx = loop._adapted_idx
+    spec = _StepSpec(loop, loss_fn, alphas, params)
+    return Adapted(loop, _run_steps(spec, params, alphas, steps), steps)
+
+
+def adapt_batched_recomputed(loop: InnerLoop, loss_fn: Callable, task_tensors, steps: int,
+                             alphas) -> "BatchedAdapted":
+    """:meth:`InnerLoop.adapt_batched`'s second-order SGD steps as :class:`_RecomputedStep`
+    (the vmapped task losses of :meth:`InnerLoop._batched_grads`, recomputed in the backward
+    pass; running statistics updated by the forward only)."""
+    params = list(loop._model.parameters())
+    spec = _BatchedStepSpec(loop, loss_fn, alphas, params, task_tensors)
+    params = _run_steps(spec, params, alphas, steps)
+    batched = [steps > 0 and i in spec.adapted for i in range(len(params))]
+    return BatchedAdapted(loop, params, batched, steps, _task_count(task_tensors), spec.losses,
+                          spec.aux, spec.seen)
+
+
+def _run_steps(spec: "_StepSpec", params: List[Tensor], alphas, steps: int) -> List[Tensor]:
+    """θ_T from θ_0 = ``params`` by ``steps`` :class:`_RecomputedStep` s. Inputs of a step:
+    θ_t, the distinct α tensors, and the loop's other parameters requiring grad."""
+    loop = spec.loop
     unique = list({id(a): a for a in alphas if isinstance(a, Tensor)}.values())
-    position = {id(a): j for j, a in enumerate(unique)}
-    extras = [p for p in loop.parameters() if p.requires_grad and id(p) not in position]
-    spec = _StepSpec(loop, loss_fn, [position.get(id(a), a) for a in alphas], len(params),
-                     len(unique))
+    spec.alpha_of = [next(j for j, u in enumerate(unique) if u is a) if isinstance(a, Tensor)
+                     else a for a in alphas]
+    spec.n_alpha = len(unique)
+    extras = [p for p in loop.parameters() if p.requires_grad and all(p is not u for u in unique)]
     for t in range(steps):
         spec.t = t
         new = _RecomputedStep.apply(spec, *params, *unique, *extras)
         params = list(params)
-        for k, i in enumerate(idx):
+        for k, i in enumerate(loop._adapted_idx):
             params[i] = new[k]
-    return Adapted(loop, params, steps)
+    return params
 
 
 class _StepSpec:
     """What :class:`_RecomputedStep` needs besides tensors: the loop, the inner loss, the
     step index, and α per adapted tensor as a float or an index into the α inputs."""
 
-    def __init__(self, loop: InnerLoop, loss_fn: Callable, alpha_of: list, n_params: int,
-                 n_alpha: int):
-        self.loop, self.loss_fn, self.alpha_of = loop, loss_fn, alpha_of
-        self.n_params, self.n_alpha, self.t = n_params, n_alpha, 0
+    def __init__(self, loop: InnerLoop, loss_fn: Callable, alphas, params: List[Tensor]):
+        self.loop, self.loss_fn, self.t = loop, loss_fn, 0
+        self.alpha_of, self.n_params, self.n_alpha = list(alphas), len(params), 0
+        self.adapted = set(loop._adapted_idx)
 
     def split(self, inputs) -> tuple:
         """(θ_t, α inputs, extra inputs) of a step's flat inputs."""
@@ -825,16 +845,36 @@ class _StepSpec:
         a = self.alpha_of[k]
         return alpha_inputs[a] if isinstance(a, int) else a
 
-    def gradients(self, theta: List[Tensor], create_graph: bool):
-        """(leaves, ∇_{θ[a]} L(θ_t) for the adapted a, None where unused, the loss): the
-        inner loss at detached leaves of θ_t."""
+    def gradients(self, leaves: List[Tensor], create_graph: bool):
+        """∇_{θ[a]} L(θ_t) for the adapted a (None where unused) at ``leaves`` = θ_t."""
         loop = self.loop
-        leaves = [p.detach().requires_grad_(True) for p in theta]
         with torch.enable_grad():
             loss = self.loss_fn(Adapted(loop, leaves, self.t, inner=True))
-            grads = torch.autograd.grad(loss, [leaves[i] for i in loop._adapted_idx],
-                                        create_graph=create_graph, allow_unused=True)
-        return leaves, grads, loss
+            return torch.autograd.grad(loss, [leaves[i] for i in loop._adapted_idx],
+                                       create_graph=create_graph, allow_unused=True)
+
+
+class _BatchedStepSpec(_StepSpec):
+    """:class:`_StepSpec` for T tasks: ∇_{θ[a]} L_i(θ^i_t), each (T, ...), by
+    :meth:`InnerLoop._batched_grads`; the forward records the inner losses and aux."""
+
+    def __init__(self, loop: InnerLoop, loss_fn: Callable, alphas, params: List[Tensor],
+                 task_tensors):
+        super().__init__(loop, loss_fn, alphas, params)
+        self.tasks, self.seen = task_tensors, set()
+        self.losses: List[Tensor] = []
+        self.aux: List[object] = []
+
+    def gradients(self, leaves: List[Tensor], create_graph: bool):
+        batched = [self.t > 0 and i in self.adapted for i in range(len(leaves))]
+        with torch.enable_grad():  # (a backward pass runs without grad mode)
+            grads, loss, aux = self.loop._batched_grads(self.loss_fn, leaves, batched,
+                                                        self.tasks, self.t, create_graph,
+                                                        self.seen)
+        if not self.loop._replaying:
+            self.losses.append(loss)
+            self.aux.append(aux)
+        return grads
 
 
 class _StepState:
@@ -869,9 +909,9 @@ class _StepState:
                     m.training = flag
 
 
-def _foreign_leaves(loss: Tensor, known: set) -> int:
-    """How many leaves requiring grad the graph of ``loss`` reaches besides ``known`` (ids)."""
-    found, seen, stack = 0, set(), [loss.grad_fn]
+def _foreign_leaves(tensors: Sequence[Tensor], known: set) -> int:
+    """How many leaves requiring grad the graphs of ``tensors`` reach besides ``known`` (ids)."""
+    found, seen, stack = 0, set(), [t.grad_fn for t in tensors]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -899,28 +939,22 @@ class _RecomputedStep(torch.autograd.Function):
         ∂L'/∂θ_t[b] = v_b·[b adapted] − w_b,   ∂L'/∂α_a = −⟨v_a, g_a⟩,   ∂L'/∂extra = −w_extra,
 
     the exact vector-Jacobian product of the step, hence the ordinary second-order
-    meta-gradient (no approximation). A loss that reads any other tensor requiring grad is
-    refused (its gradient could not be returned): ConfigError at the forward.
+    meta-gradient (no approximation). Task-batched (θ_0[a] shared, g and v of shape (T, ...)):
+    v_a is summed over tasks for θ_0[a], and ⟨v_a, g_a⟩ runs over tasks too. If ∇L depends
+    on another tensor requiring grad (a closure over another model), its gradient could not
+    be returned: ConfigError in the backward pass.
     """
 
     @staticmethod
     def forward(ctx, spec: _StepSpec, *inputs: Tensor):
-        theta, alpha_in, extras = spec.split(inputs)
-        ctx.spec, ctx.state = spec, _StepState(spec.loop, theta)
-        ctx.t = spec.t
-        leaves, grads, loss = spec.gradients(theta, create_graph=False)
-        known = {id(x) for x in leaves + extras}
-        if _foreign_leaves(loss, known):
-            raise ConfigError("inner_checkpoint: the inner loss reads tensors that require grad "
-                              "besides the network's parameters (e.g. a closure over another "
-                              "model); their meta-gradient would be lost: set "
-                              "inner_checkpoint = false")
+        theta, alpha_in, _ = spec.split(inputs)
+        ctx.spec, ctx.state, ctx.t = spec, _StepState(spec.loop, theta), spec.t
+        grads = spec.gradients([p.detach().requires_grad_(True) for p in theta], False)
         ctx.save_for_backward(*inputs)
         out = []
         for k, i in enumerate(spec.loop._adapted_idx):
             g = grads[k]
-            a = spec.alpha(k, alpha_in)
-            out.append(theta[i].clone() if g is None else theta[i] - a * g)
+            out.append(theta[i].clone() if g is None else theta[i] - spec.alpha(k, alpha_in) * g)
         return tuple(out)
 
     @staticmethod
@@ -928,23 +962,31 @@ class _RecomputedStep(torch.autograd.Function):
     def backward(ctx, *v: Tensor):
         spec = ctx.spec
         spec.t = ctx.t
-        inputs = ctx.saved_tensors
-        theta, alpha_in, extras = spec.split(inputs)
-        idx = spec.loop._adapted_idx
+        theta, alpha_in, extras = spec.split(ctx.saved_tensors)
         with ctx.state.replay():
-            leaves, grads, _ = spec.gradients(theta, create_graph=True)
+            leaves = [p.detach().requires_grad_(True) for p in theta]
+            grads = spec.gradients(leaves, True)
             used = [k for k, g in enumerate(grads) if g is not None and g.requires_grad]
-            wrt = leaves + extras
-            w = (torch.autograd.grad([grads[k] for k in used],
-                                     wrt, [spec.alpha(k, alpha_in) * v[k] for k in used],
-                                     allow_unused=True) if used else [None] * len(wrt))
+            _refuse_foreign([grads[k] for k in used], leaves + extras)
+            w = (torch.autograd.grad([grads[k] for k in used], leaves + extras,
+                                     [spec.alpha(k, alpha_in) * v[k] for k in used],
+                                     allow_unused=True) if used else [None] * (len(leaves) + len(extras)))
         d_theta = [None if x is None else -x for x in w[:len(theta)]]
-        for k, i in enumerate(idx):
-            d_theta[i] = v[k] if d_theta[i] is None else d_theta[i] + v[k]
+        for k, i in enumerate(spec.loop._adapted_idx):
+            vk = v[k].sum_to_size(theta[i].shape)  # task-batched step 0: θ_0 shared by the tasks
+            d_theta[i] = vk if d_theta[i] is None else d_theta[i] + vk
         d_alpha = [torch.zeros_like(a) for a in alpha_in]
         for k, g in enumerate(grads):
             a = spec.alpha_of[k]
             if g is not None and isinstance(a, int):
                 d_alpha[a] = d_alpha[a] - (v[k] * g.detach()).sum()
-        d_extra = [None if x is None else -x for x in w[len(theta):]]
-        return (None, *d_theta, *d_alpha, *d_extra)
+        return (None, *d_theta, *d_alpha, *[None if x is None else -x for x in w[len(theta):]])
+
+
+def _refuse_foreign(grads: Sequence[Tensor], inputs: Sequence[Tensor]) -> None:
+    """ConfigError if the graph of ∇L reaches a leaf requiring grad that is not an input."""
+    if _foreign_leaves(grads, {id(x) for x in inputs}):
+        raise ConfigError("inner_checkpoint: the inner loss's gradient depends on tensors that "
+                          "require grad besides the network's parameters (e.g. a closure over "
+                          "another model); their meta-gradient would be lost: set "
+                          "inner_checkpoint = false")

@@ -78,6 +78,31 @@ def test_meta_gradients_and_buffers_equal_the_ordinary_loop(bn, learn_lr, adapt)
     assert (moved > 1e-3) == (bn != "transductive")  # so the check above is not vacuous
 
 
+def batched_run(recompute, bn, learn_lr, adapt):
+    """adapt_batched over 3 tasks: (meta-gradients, buffers, inner losses per step)."""
+    net, loop = build(recompute, bn, learn_lr, adapt)
+    net[4].p = 0.0  # no dropout: vmap's per-task draws are not the sequential ones
+    g = torch.Generator().manual_seed(1)
+    xs, xq = (torch.randn(3, n, 1, 4, 4, generator=g, dtype=torch.float64) for n in (10, 8))
+    ys, yq = (torch.randint(0, 5, (3, n), generator=g) for n in (10, 8))
+    adapted = loop.adapt_batched(lambda f, x, y: F.cross_entropy(f(x), y), xs, ys)
+    loss = F.cross_entropy(adapted(xq).flatten(0, 1), yq.flatten())
+    grads = torch.autograd.grad(loss, list(net.parameters()) + list(loop.parameters()))
+    return grads, buffers_of(net, loop), torch.stack(adapted.inner_losses)
+
+
+@pytest.mark.parametrize("bn", ["transductive", "running", "per_step"])
+@pytest.mark.parametrize("learn_lr, adapt", [(False, "all"), (True, "head"), (True, "all")])
+def test_task_batched_meta_gradients_equal_the_ordinary_batched_loop(bn, learn_lr, adapt):
+    grads, buffers, losses = batched_run(False, bn, learn_lr, adapt)
+    grads_r, buffers_r, losses_r = batched_run(True, bn, learn_lr, adapt)
+    assert losses.shape == losses_r.shape == (3, 3)  # (inner steps, tasks)
+    torch.testing.assert_close(losses_r, losses, rtol=1e-12, atol=0)
+    assert_relative(grads_r, grads)
+    for a, b in zip(buffers_r, buffers):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("steps", [1, 4])
 def test_meta_gradient_matches_torch_func(steps):
     """Independent reference: eq. 1 unrolled with torch.func (test_inner_loop's)."""
@@ -153,18 +178,20 @@ def _step_grads(learner, batch, modules):
     dict(learn_inner_lr=True, adapt="head", bn="running"),
     dict(adapt="head", bn="per_step"),
 ])
-def test_maml_and_meta_sgd_train_step(options):
+@pytest.mark.parametrize("task_batching", ["off", "on"])
+def test_maml_and_meta_sgd_train_step(options, task_batching):
     eps = _episodes()
     modules = lambda lr: (lr.net, lr.loop)  # noqa: E731
-    want = _step_grads(_maml(**options), eps, modules)
-    learner = _maml(inner_checkpoint=True, **options)
+    want = _step_grads(_maml(task_batching=task_batching, **options), eps, modules)
+    learner = _maml(inner_checkpoint=True, task_batching=task_batching, **options)
     got = _step_grads(learner, eps, modules)
     assert len(got) == len(want) > 0
     assert_relative(got, want)
     assert learner.loop.recompute
 
 
-def test_l2g_protonet_train_step():
+@pytest.mark.parametrize("task_batching", ["off", "on"])
+def test_l2g_protonet_train_step(task_batching):
     """L2G + ProtoNet with learnable per-layer α (eq. 3-4), two disjoint task pairs."""
     g = torch.Generator().manual_seed(3)
 
@@ -181,7 +208,7 @@ def test_l2g_protonet_train_step():
         cls = get_learner("l2g+protonet")
         torch.manual_seed(0)
         learner = cls(cls.Config(inner_lr=0.3, inner_steps=2, learn_inner_lr=True,
-                                 inner_checkpoint=flag),
+                                 inner_checkpoint=flag, task_batching=task_batching),
                       in_channels=1, image_size=8, backbone=TinyNet(1, 8)).double()
         grads.append(_step_grads(learner, pairs, modules))
     assert len(grads[0]) == len(grads[1]) == 5  # conv w, b, BN w, b; α (one per layer)
@@ -192,7 +219,6 @@ def test_l2g_protonet_train_step():
 @pytest.mark.parametrize("name, options, match", [
     ("fomaml", dict(inner_checkpoint=True), "first-order ones keep no inner graph"),
     ("maml", dict(inner_checkpoint=True, first_order=True), "first-order ones keep no inner"),
-    ("maml", dict(inner_checkpoint=True, task_batching="on"), "task_batching = 'auto' or 'off'"),
     ("maml", dict(inner_checkpoint="yes"), "'inner_checkpoint' must be true or false"),
 ])
 def test_learner_option_errors(name, options, match):
@@ -205,12 +231,17 @@ def test_inner_loop_errors():
     xs, ys = data(seed=1)
     with pytest.raises(ConfigError, match="inner optimizer 'sgd' only"):
         InnerLoop(net, optimizer="adam", recompute=True)
+    with pytest.raises(ConfigError, match="'recompute'.*must be true or false"):
+        InnerLoop(net, recompute=1)
     loop = InnerLoop(net, steps=2, lr=0.1, recompute=True)
-    with pytest.raises(ConfigError, match="sequentially only: set task_batching='off'"):
-        loop.adapt_batched(lambda f, x, y: F.cross_entropy(f(x), y), xs[None], ys[None])
     scale = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))  # a hidden input of the loss
+    adapted = loop.adapt(lambda f: F.cross_entropy(scale * f(xs), ys))
     with pytest.raises(ConfigError, match="besides the network's parameters.*inner_checkpoint = false"):
-        loop.adapt(lambda f: F.cross_entropy(scale * f(xs), ys))
+        F.cross_entropy(adapted(xs), ys).backward()
+    # a loss that only adds the hidden tensor: ∇L does not depend on it, nothing is lost
+    adapted = loop.adapt(lambda f: F.cross_entropy(f(xs), ys) + scale)
+    F.cross_entropy(adapted(xs), ys).backward()
+    assert scale.grad is None and net[0].weight.grad.abs().sum() > 0
 
 
 def test_predict_and_first_order_paths_unaffected():

@@ -69,13 +69,9 @@ def check_inner_checkpoint(config) -> None:
     """ConfigError for a learner option ``inner_checkpoint`` (recomputed second-order inner
     steps, :class:`fewshot.inner_loop.InnerLoop`'s ``recompute``) that cannot apply."""
     boolean(config.inner_checkpoint, "inner_checkpoint")
-    if not config.inner_checkpoint:
-        return
-    require(not config.first_order, "learner option 'inner_checkpoint' recomputes second-order "
-            "inner steps; first-order ones keep no inner graph already: set inner_checkpoint = "
-            "false (or first_order = false)")
-    require(config.task_batching != "on", "learner option 'inner_checkpoint' adapts the "
-            "training tasks one by one: set task_batching = 'auto' or 'off'")
+    require(not (config.inner_checkpoint and config.first_order), "learner option "
+            "'inner_checkpoint' recomputes second-order inner steps; first-order ones keep no "
+            "inner graph already: set inner_checkpoint = false (or first_order = false)")
 
 
 # ------------------------------------------------------------------ episode checks
@@ -319,12 +315,8 @@ def episode_tensors(item) -> List[Tensor]:
 
 
 def batches_tasks(learner, items: Sequence) -> bool:
-    """Whether ``learner`` adapts ``items`` (episodes or pairs) as one batched computation
-    (never under ``inner_checkpoint``: recomputed inner steps run task by task)."""
-    option = learner.config.task_batching
-    if getattr(learner.config, "inner_checkpoint", False):
-        option = "off"
-    return resolve_task_batching(option,
+    """Whether ``learner`` adapts ``items`` (episodes or pairs) as one batched computation."""
+    return resolve_task_batching(learner.config.task_batching,
                                  [episode_tensors(it) for it in items], learner.device,
                                  f"learner '{learner.name}'")
 

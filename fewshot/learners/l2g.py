@@ -156,7 +156,7 @@ class L2GConfig(LearnerConfig):
     task_batching: "auto" | "on" | "off": adapt the T pairs as one batched computation.
     inner_checkpoint: recompute each second-order inner step of eq. 3 in the backward pass
         of eq. 4 instead of keeping its graph (same meta-gradient; memory nearly flat in
-        ``inner_steps``); off by default, needs ``first_order = false``, trains pair by pair.
+        ``inner_steps``); off by default, needs ``first_order = false``.
     """
 
     lr: float = 1e-3

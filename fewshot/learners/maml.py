@@ -76,8 +76,8 @@ class MAML(Learner):
         inner_checkpoint: recompute each second-order inner step in the backward pass
             instead of keeping its graph (the inner loop's ``recompute``): the same
             meta-gradient ∇_θ L(θ'), peak memory nearly flat in ``inner_steps``, about one
-            extra support forward and backward per step. Off by default; needs
-            ``first_order = false`` and trains task by task (``task_batching`` not "on").
+            extra support forward and backward per step, sequential or task-batched. Off
+            by default; needs ``first_order = false``.
         """
 
         lr: float = 1e-3
