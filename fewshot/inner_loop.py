@@ -16,6 +16,14 @@ tensors, adapted or not) and to α. ``first_order=True`` detaches ∇L (no secon
 first-order MAML, MLTP_FO); α still receives ∂L'/∂α = −Σ_t ⟨∇_{θ_{t+1}} L', ∇L(θ_t)⟩.
 ``optimizer="adam"`` replaces the SGD step by an Adam step (Reptile's inner optimiser).
 
+``recompute=True`` (learner option ``inner_checkpoint``; second-order SGD steps, sequential
+and task-batched) is activation checkpointing of the inner loop: each step is one
+:class:`_RecomputedStep` that keeps no graph in the forward pass and, in the backward pass,
+recomputes ∇L(θ_t) with its graph and returns the step's exact vector-Jacobian product
+v ↦ (v − α·∇²L(θ_t) v, −⟨v, ∇L(θ_t)⟩ for α), so the meta-gradient is the ordinary
+second-order one while memory holds one step's graph instead of T (cost: one more support
+forward and backward per step).
+
 The model is patched once with :func:`higher.patch.monkeypatch` and the functional model is
 reused for every task and step (``higher``'s per-task ``innerloop_ctx`` and differentiable
 optimisers cost more); steps use :func:`torch.autograd.grad`.
@@ -792,7 +800,7 @@ def adapt_recomputed(loop: InnerLoop, loss_fn: Callable, params: List[Tensor], s
     of T steps' graphs.
     """
     spec = _StepSpec(loop, loss_fn, alphas, params)
-    return Adapted(loop, _run_steps(spec, params, alphas, steps), steps)
+    return Adapted(loop, _run_steps(spec, params, steps), steps)
 
 
 def adapt_batched_recomputed(loop: InnerLoop, loss_fn: Callable, task_tensors, steps: int,
@@ -802,24 +810,20 @@ def adapt_batched_recomputed(loop: InnerLoop, loss_fn: Callable, task_tensors, s
     pass; running statistics updated by the forward only)."""
     params = list(loop._model.parameters())
     spec = _BatchedStepSpec(loop, loss_fn, alphas, params, task_tensors)
-    params = _run_steps(spec, params, alphas, steps)
+    params = _run_steps(spec, params, steps)
     batched = [steps > 0 and i in spec.adapted for i in range(len(params))]
     return BatchedAdapted(loop, params, batched, steps, _task_count(task_tensors), spec.losses,
                           spec.aux, spec.seen)
 
 
-def _run_steps(spec: "_StepSpec", params: List[Tensor], alphas, steps: int) -> List[Tensor]:
+def _run_steps(spec: "_StepSpec", params: List[Tensor], steps: int) -> List[Tensor]:
     """θ_T from θ_0 = ``params`` by ``steps`` :class:`_RecomputedStep` s. Inputs of a step:
     θ_t, the distinct α tensors, and the loop's other parameters requiring grad."""
-    loop = spec.loop
-    unique = list({id(a): a for a in alphas if isinstance(a, Tensor)}.values())
-    spec.alpha_of = [next(j for j, u in enumerate(unique) if u is a) if isinstance(a, Tensor)
-                     else a for a in alphas]
-    spec.n_alpha = len(unique)
-    extras = [p for p in loop.parameters() if p.requires_grad and all(p is not u for u in unique)]
+    loop, alphas = spec.loop, spec.alpha_inputs
+    extras = [p for p in loop.parameters() if p.requires_grad and all(p is not a for a in alphas)]
     for t in range(steps):
         spec.t = t
-        new = _RecomputedStep.apply(spec, *params, *unique, *extras)
+        new = _RecomputedStep.apply(spec, *params, *alphas, *extras)
         params = list(params)
         for k, i in enumerate(loop._adapted_idx):
             params[i] = new[k]
@@ -828,16 +832,21 @@ def _run_steps(spec: "_StepSpec", params: List[Tensor], alphas, steps: int) -> L
 
 class _StepSpec:
     """What :class:`_RecomputedStep` needs besides tensors: the loop, the inner loss, the
-    step index, and α per adapted tensor as a float or an index into the α inputs."""
+    step index t, and α per adapted tensor (``alphas`` of :meth:`InnerLoop._start`: fixed
+    floats, or views of a learnable α, passed to the step once each as ``alpha_inputs``)."""
 
     def __init__(self, loop: InnerLoop, loss_fn: Callable, alphas, params: List[Tensor]):
         self.loop, self.loss_fn, self.t = loop, loss_fn, 0
-        self.alpha_of, self.n_params, self.n_alpha = list(alphas), len(params), 0
+        self.n_params = len(params)
         self.adapted = set(loop._adapted_idx)
+        self.alpha_inputs = list({id(a): a for a in alphas if isinstance(a, Tensor)}.values())
+        index = {id(a): j for j, a in enumerate(self.alpha_inputs)}
+        #: adapted tensor k's α: an index into the α inputs, or a float
+        self.alpha_of = [index[id(a)] if isinstance(a, Tensor) else float(a) for a in alphas]
 
     def split(self, inputs) -> tuple:
         """(θ_t, α inputs, extra inputs) of a step's flat inputs."""
-        n, m = self.n_params, self.n_alpha
+        n, m = self.n_params, len(self.alpha_inputs)
         return list(inputs[:n]), list(inputs[n:n + m]), list(inputs[n + m:])
 
     def alpha(self, k: int, alpha_inputs: List[Tensor]):
