@@ -187,7 +187,9 @@ class InnerLoop(nn.Module):
             β1 = 0).
         recompute: second-order SGD steps keep no graph in the forward pass and are
             recomputed one at a time in the backward pass (:class:`_RecomputedStep`): the
-            same meta-gradients, peak memory nearly flat in the number of steps.
+            same meta-gradients, peak memory nearly flat in the number of steps. Refused
+            with ``first_order`` at construction; a learner that switches ``first_order``
+            on later (derivative-order annealing) gets the ordinary first-order steps.
     """
 
     def __init__(self, model: nn.Module, steps: int = 1, lr: Union[float, Mapping[str, float]] = 0.01,
@@ -305,7 +307,7 @@ class InnerLoop(nn.Module):
         if len(params) != len(self.param_names):
             raise ConfigError(f"adapt() got {len(params)} parameter tensors, the model has "
                               f"{len(self.param_names)}")
-        if differentiable and self.recompute:
+        if differentiable and self.recompute and not self.first_order:
             return adapt_recomputed(self, loss_fn, params, steps, alphas)
         create_graph = differentiable and not self.first_order
         idx = self._adapted_idx
@@ -358,7 +360,7 @@ class InnerLoop(nn.Module):
         (``randomness="different"``), not the sequential path's draws.
         """
         steps, differentiable, alphas = self._start(steps, differentiable)
-        if differentiable and self.recompute:
+        if differentiable and self.recompute and not self.first_order:
             return adapt_batched_recomputed(self, loss_fn, task_tensors, steps, alphas)
         n_tasks = _task_count(task_tensors)
         params = list(self._model.parameters())

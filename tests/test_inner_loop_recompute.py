@@ -278,3 +278,17 @@ def test_cuda_peak_memory_flat_in_inner_steps_and_gradients_equal():
     _, peak_1 = meta(1, True)
     assert_relative(ckpt, plain)
     assert peak_10 <= 1.3 * peak_1 and plain_peak > 1.5 * peak_1
+
+
+def test_first_order_switched_on_later_takes_the_first_order_steps():
+    """Derivative-order annealing (MAML++) flips ``first_order`` on a built loop: the
+    recomputing loop then gives first-order MAML's meta-gradient (torch.func reference)."""
+    net = small_net()
+    xs, ys = data(seed=1)
+    xq, yq = data(seed=2)
+    loop = InnerLoop(net, steps=2, lr=0.3, recompute=True)
+    loop.first_order = True
+    adapted = loop.adapt(lambda f: F.cross_entropy(f(xs), ys))
+    ours = torch.autograd.grad(F.cross_entropy(adapted(xq), yq), list(net.parameters()))
+    ref = reference_maml_grads(net, xs, ys, xq, yq, 0.3, 2, first_order=True)
+    assert_relative(ours, [ref[n] for n, _ in net.named_parameters()], rel=1e-10)
