@@ -71,6 +71,16 @@ STEPS_FULL = dict(channels=3, size=84, hidden=32, shots=5, meta_batch=1, warmup=
 STEPS_QUICK = dict(channels=1, size=28, hidden=16, shots=5, meta_batch=1, warmup=1, repeats=3,
                    steps=(1, 5, 10), mem_rounds=1)
 STEPS_IMPLS = ("ours", "ours_ckpt", "l2l")
+STEPS_NOTE = (
+    "plain: `maml` (unrolled second-order inner loop); checkpoint: `maml` with "
+    "`inner_checkpoint = true` (each inner step recomputed in the backward pass, the same "
+    "meta-gradient); learn2learn: `l2l.algorithms.MAML(first_order=False)`, clone/adapt. One "
+    "task per meta-step, same weights and episodes for all three. Peak MiB: peak resident set "
+    "size minus the resident size before the step, each cell in a fresh subprocess with "
+    "mmap'd allocations (MALLOC_MMAP_THRESHOLD_=65536, MALLOC_TRIM_THRESHOLD_=0), median of "
+    "the rounds (cells in alternating order; all rounds in the JSON). CPU s: median process "
+    "CPU time of a meta-step, the three timed round-robin after a warm-up, one thread; wall "
+    "times in the JSON. The machine was shared (load averages in the title).")
 WAYS, SHOTS, QUERIES, INNER_LR, OUTER_LR = 5, 1, 15, 0.01, 1e-3
 
 
@@ -228,7 +238,7 @@ def steps_study(args) -> None:
                    metrics=metrics, ratios=ratios,
                    params={k: list(v) if isinstance(v, tuple) else v for k, v in p.items()})
     if args.md:
-        write_text(args.md, f"# {header}\n\n`{command('maml.py')}`\n\n{table}\n")
+        write_text(args.md, f"# {header}\n\n`{command('maml.py')}`\n\n{table}\n\n{STEPS_NOTE}\n")
 
 
 def steps_summary(p, mem, times):
