@@ -604,8 +604,9 @@ NON_SEMANTIC = {("train", "episodes"), ("train", "epochs"), ("train", "quiet"),
                 ("train", "threads"), ("train", "val_every"), ("data", "root"),
                 ("data", "in_memory")}
 #: learner options that choose how a step is computed, not what it computes (task batching
-#: gives the sequential meta-gradients to float rounding): left out of the hash like the device
-NON_SEMANTIC_LEARNER = {"task_batching"}
+#: gives the sequential meta-gradients to float rounding, inner_checkpoint the unrolled ones):
+#: left out of the hash like the device, so a run can be resumed with them changed
+NON_SEMANTIC_LEARNER = {"task_batching", "inner_checkpoint"}
 
 
 def config_hash(cfg: RunConfig) -> str:

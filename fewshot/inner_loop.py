@@ -23,6 +23,14 @@ s = 0..T, meta-learned and never adapted; a forward after s steps normalises wit
 receives ∂L'/∂α = −Σ_t ⟨∇_{θ_{t+1}} L', ∇L(θ_t)⟩.
 ``optimizer="adam"`` replaces the SGD step by an Adam step (Reptile's inner optimiser).
 
+``recompute=True`` (learner option ``inner_checkpoint``; second-order SGD steps, sequential
+and task-batched) is activation checkpointing of the inner loop: each step is one
+:class:`_RecomputedStep` that keeps no graph in the forward pass and, in the backward pass,
+recomputes ∇L(θ_t) with its graph and returns the step's exact vector-Jacobian product
+v ↦ (v − α·∇²L(θ_t) v, −⟨v, ∇L(θ_t)⟩ for α), so the meta-gradient is the ordinary
+second-order one while memory holds one step's graph instead of T (cost: one more support
+forward and backward per step).
+
 The model is patched once with :func:`higher.patch.monkeypatch` and the functional model is
 reused for every task and step (``higher``'s per-task ``innerloop_ctx`` and differentiable
 optimisers cost more); steps use :func:`torch.autograd.grad`.
@@ -193,6 +201,11 @@ class InnerLoop(nn.Module):
         bn_affine_per_step: per-step BatchNorm γ_s, β_s, s = 0..steps, owned by the loop and
             initialised from the layers' own (MAML++ BNWB); the BatchNorm weights and biases
             are then not adapted (whatever ``adapt`` selects), as in MAML++'s code.
+        recompute: second-order SGD steps keep no graph in the forward pass and are
+            recomputed one at a time in the backward pass (:class:`_RecomputedStep`): the
+            same meta-gradients, peak memory nearly flat in the number of steps. Refused
+            with ``first_order`` at construction; a learner that switches ``first_order``
+            on later (derivative-order annealing) gets the ordinary first-order steps.
     """
 
     def __init__(self, model: nn.Module, steps: int = 1, lr: Union[float, Mapping[str, float]] = 0.01,
@@ -200,13 +213,16 @@ class InnerLoop(nn.Module):
                  first_order: bool = False, bn: str = "transductive", optimizer: str = "sgd",
                  lr_init_std: float = 0.0, adam_betas: Sequence[float] = (0.0, 0.999),
                  adam_eps: float = 1e-8, generator: Optional[torch.Generator] = None,
-                 lr_per_step: bool = False, bn_affine_per_step: bool = False):
+                 lr_per_step: bool = False, bn_affine_per_step: bool = False,
+                 recompute: bool = False):
         super().__init__()
         _check_options(steps, bn, optimizer, lr_per, lr_init_std, lr_per_step)
+        _check_recompute(recompute, first_order, optimizer)
         self.bn_affine_per_step = bool(bn_affine_per_step)
         object.__setattr__(self, "_model", model)
         self.steps = steps
         self.first_order = bool(first_order)
+        self.recompute = bool(recompute)
         self.bn = bn
         self.optimizer = optimizer
         self.adam_betas = tuple(float(b) for b in adam_betas)
@@ -225,6 +241,7 @@ class InnerLoop(nn.Module):
         object.__setattr__(self, "_fmodel", None)
         object.__setattr__(self, "_pairs", None)
         object.__setattr__(self, "_alpha_cache", None)  # (α's identity, fixed α per tensor)
+        object.__setattr__(self, "_replaying", False)  # True while a step is recomputed
 
     def _select(self, model: nn.Module, adapt: Selector, lr_per: str) -> None:
         """The adapted tensors (indices, names) and their step-size groups."""
@@ -335,6 +352,8 @@ class InnerLoop(nn.Module):
         if len(params) != len(self.param_names):
             raise ConfigError(f"adapt() got {len(params)} parameter tensors, the model has "
                               f"{len(self.param_names)}")
+        if differentiable and self.recompute and not self.first_order:
+            return adapt_recomputed(self, loss_fn, params, steps, alphas, after_step)
         create_graph = differentiable and not self.first_order
         idx = self._adapted_idx
         if not differentiable:
@@ -390,6 +409,8 @@ class InnerLoop(nn.Module):
         :meth:`adapt`, with the :class:`BatchedAdapted` network after each step.
         """
         steps, differentiable, alphas = self._start(steps, differentiable)
+        if differentiable and self.recompute and not self.first_order:
+            return adapt_batched_recomputed(self, loss_fn, task_tensors, steps, alphas, after_step)
         n_tasks = _task_count(task_tensors)
         params = list(self._model.parameters())
         if not differentiable:
@@ -447,7 +468,8 @@ class InnerLoop(nn.Module):
             loss, aux, stats = fn(full, *task_tensors)
             grads = torch.autograd.grad(loss.sum(), stacked, create_graph=second,
                                         materialize_grads=True)
-        self._apply_bn_stats(targets, stats, seen)
+        if not self._replaying:  # a recomputed step (adapt_batched_recomputed) updates nothing
+            self._apply_bn_stats(targets, stats, seen)
         aux = torch.utils._pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, aux)
         return list(grads), loss.detach(), aux
 
@@ -685,7 +707,7 @@ class InnerLoop(nn.Module):
         prescribes for this forward: batch statistics (updating a set, or nothing), or a
         set of running statistics read in eval mode."""
         running, target = self._bn_plan(k, pair, step, inner)
-        if target is not None:
+        if target is not None and not self._replaying:
             stats = self._statistics_set(target)
         else:
             stats = (*running, None) if running is not None else (None, None, None)
@@ -839,3 +861,247 @@ def _task_count(task_tensors: Sequence[Tensor]) -> int:
             raise ConfigError(f"adapt_batched(): task tensor {j} has {t.shape[0]} tasks, "
                               f"tensor 0 has {n}")
     return n
+
+
+# ------------------------------------------------------------- recomputed (checkpointed) steps
+def _check_recompute(recompute, first_order: bool, optimizer: str) -> None:
+    """ConfigError for a ``recompute`` the inner loop cannot honour."""
+    if not isinstance(recompute, bool):
+        raise ConfigError(f"inner loop option 'recompute' (learner option inner_checkpoint) must "
+                          f"be true or false, got {recompute!r}")
+    if recompute and first_order:
+        raise ConfigError("inner_checkpoint recomputes second-order inner steps; first-order "
+                          "steps keep no inner graph already: set inner_checkpoint = false "
+                          "or first_order = false")
+    if recompute and optimizer != "sgd":
+        raise ConfigError(f"inner_checkpoint supports inner optimizer 'sgd' only, got "
+                          f"{optimizer!r}: set inner_checkpoint = false")
+
+
+def adapt_recomputed(loop: InnerLoop, loss_fn: Callable, params: List[Tensor], steps: int,
+                     alphas, after_step: Optional[Callable] = None) -> Adapted:
+    """:meth:`InnerLoop.adapt`'s second-order SGD steps, each one a :class:`_RecomputedStep`.
+
+    Same θ_T and same meta-gradients as the ordinary loop, but the forward pass keeps no
+    step's graph: step t saves θ_t (and α) only, and the backward pass recomputes it. Peak
+    memory is one step's double-backward graph plus T copies of the adapted tensors, instead
+    of T steps' graphs. ``after_step`` as in :meth:`InnerLoop.adapt` (MAML++'s multi-step loss:
+    each θ_{t+1} is an output of step t's function, so its loss back-propagates through it).
+    """
+    spec = _StepSpec(loop, loss_fn, alphas, params)
+    notify = None if after_step is None else (lambda ps, t: after_step(Adapted(loop, ps, t + 1)))
+    return Adapted(loop, _run_steps(spec, params, steps, notify), steps)
+
+
+def adapt_batched_recomputed(loop: InnerLoop, loss_fn: Callable, task_tensors, steps: int,
+                             alphas, after_step: Optional[Callable] = None) -> "BatchedAdapted":
+    """:meth:`InnerLoop.adapt_batched`'s second-order SGD steps as :class:`_RecomputedStep`
+    (the vmapped task losses of :meth:`InnerLoop._batched_grads`, recomputed in the backward
+    pass; running statistics updated by the forward only)."""
+    params = list(loop._model.parameters())
+    spec = _BatchedStepSpec(loop, loss_fn, alphas, params, task_tensors)
+    tasks = _task_count(task_tensors)
+
+    def adapted(ps, t):
+        batched = [t > 0 and i in spec.adapted for i in range(len(ps))]
+        return BatchedAdapted(loop, ps, batched, t, tasks, spec.losses, spec.aux, spec.seen)
+
+    notify = None if after_step is None else (lambda ps, t: after_step(adapted(ps, t + 1)))
+    return adapted(_run_steps(spec, params, steps, notify), steps)
+
+
+def _run_steps(spec: "_StepSpec", params: List[Tensor], steps: int,
+               notify: Optional[Callable] = None) -> List[Tensor]:
+    """θ_T from θ_0 = ``params`` by ``steps`` :class:`_RecomputedStep` s. Inputs of a step:
+    θ_t, the distinct α tensors, and the loop's other parameters requiring grad;
+    ``notify(θ_{t+1}, t)`` after each step."""
+    loop, alphas = spec.loop, spec.alpha_inputs
+    extras = [p for p in loop.parameters() if p.requires_grad and all(p is not a for a in alphas)]
+    for t in range(steps):
+        spec.t = t
+        new = _RecomputedStep.apply(spec, *params, *alphas, *extras)
+        params = list(params)
+        for k, i in enumerate(loop._adapted_idx):
+            params[i] = new[k]
+        if notify is not None:
+            notify(params, t)
+    return params
+
+
+class _StepSpec:
+    """What :class:`_RecomputedStep` needs besides tensors: the loop, the inner loss, the
+    step index t, and α per adapted tensor (``alphas`` of :meth:`InnerLoop._start`: one row
+    per step row of α (MAML++ LSLR), each fixed floats or views of a learnable α, passed to
+    every step once each as ``alpha_inputs``; step t uses row min(t, rows − 1))."""
+
+    def __init__(self, loop: InnerLoop, loss_fn: Callable, alphas, params: List[Tensor]):
+        self.loop, self.loss_fn, self.t = loop, loss_fn, 0
+        self.n_params = len(params)
+        self.adapted = set(loop._adapted_idx)
+        self.alpha_inputs = list({id(a): a for row in alphas for a in row
+                                  if isinstance(a, Tensor)}.values())
+        index = {id(a): j for j, a in enumerate(self.alpha_inputs)}
+        #: per step row, adapted tensor k's α: an index into the α inputs, or a float
+        self.alpha_rows = [[index[id(a)] if isinstance(a, Tensor) else float(a) for a in row]
+                           for row in alphas]
+
+    @property
+    def alpha_of(self) -> list:
+        """Step t's row of :attr:`alpha_rows`."""
+        return self.alpha_rows[min(self.t, len(self.alpha_rows) - 1)]
+
+    def split(self, inputs) -> tuple:
+        """(θ_t, α inputs, extra inputs) of a step's flat inputs."""
+        n, m = self.n_params, len(self.alpha_inputs)
+        return list(inputs[:n]), list(inputs[n:n + m]), list(inputs[n + m:])
+
+    def alpha(self, k: int, alpha_inputs: List[Tensor]):
+        """α of adapted tensor k: an α input, or a fixed float."""
+        a = self.alpha_of[k]
+        return alpha_inputs[a] if isinstance(a, int) else a
+
+    def gradients(self, leaves: List[Tensor], create_graph: bool):
+        """∇_{θ[a]} L(θ_t) for the adapted a (None where unused) at ``leaves`` = θ_t."""
+        loop = self.loop
+        with torch.enable_grad():
+            loss = self.loss_fn(Adapted(loop, leaves, self.t, inner=True))
+            return torch.autograd.grad(loss, [leaves[i] for i in loop._adapted_idx],
+                                       create_graph=create_graph, allow_unused=True)
+
+
+class _BatchedStepSpec(_StepSpec):
+    """:class:`_StepSpec` for T tasks: ∇_{θ[a]} L_i(θ^i_t), each (T, ...), by
+    :meth:`InnerLoop._batched_grads`; the forward records the inner losses and aux."""
+
+    def __init__(self, loop: InnerLoop, loss_fn: Callable, alphas, params: List[Tensor],
+                 task_tensors):
+        super().__init__(loop, loss_fn, alphas, params)
+        self.tasks, self.seen = task_tensors, set()
+        self.losses: List[Tensor] = []
+        self.aux: List[object] = []
+
+    def gradients(self, leaves: List[Tensor], create_graph: bool):
+        batched = [self.t > 0 and i in self.adapted for i in range(len(leaves))]
+        with torch.enable_grad():  # (a backward pass runs without grad mode)
+            grads, loss, aux = self.loop._batched_grads(self.loss_fn, leaves, batched,
+                                                        self.tasks, self.t, create_graph,
+                                                        self.seen)
+        if not self.loop._replaying:
+            self.losses.append(loss)
+            self.aux.append(aux)
+        return grads
+
+
+class _StepState:
+    """The RNG states and train/eval flags at a step's forward, restored for its replay
+    (dropout draws the same masks; BatchNorm takes the same branch) with the replay flag
+    that keeps BatchNorm from updating running statistics a second time."""
+
+    def __init__(self, loop: InnerLoop, tensors: Sequence[Tensor]):
+        self.loop = loop
+        self.devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+        self.flags = [m.training for m in loop.model.modules()]
+
+    @contextlib.contextmanager
+    def replay(self):
+        modules = list(self.loop.model.modules())
+        now = [m.training for m in modules]
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(self.cpu)
+            for d, state in zip(self.devices, self.cuda):
+                torch.cuda.set_rng_state(state, d)
+            try:
+                for m, flag in zip(modules, self.flags):
+                    m.training = flag
+                object.__setattr__(self.loop, "_replaying", True)
+                self.loop._sync()
+                yield
+            finally:
+                object.__setattr__(self.loop, "_replaying", False)
+                for m, flag in zip(modules, now):
+                    m.training = flag
+
+
+def _foreign_leaves(tensors: Sequence[Tensor], known: set) -> int:
+    """How many leaves requiring grad the graphs of ``tensors`` reach besides ``known`` (ids)."""
+    found, seen, stack = 0, set(), [t.grad_fn for t in tensors]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) not in known:
+            found += 1
+        stack.extend(fn for fn, _ in node.next_functions)
+    return found
+
+
+class _RecomputedStep(torch.autograd.Function):
+    """One second-order SGD step θ_{t+1}[a] = θ_t[a] − α_a ∇_a L(θ_t) (MAML eq. 1) whose
+    backward pass recomputes it (activation checkpointing of the inner loop).
+
+    Inputs: θ_t (every parameter tensor, adapted or not), the distinct learnable α tensors,
+    and the inner loop's other parameters ("extras", which a loss may read through the loop).
+    Outputs: θ_{t+1}[a] for the adapted a. Forward: g = ∇L(θ_t) at detached leaves, no
+    graph kept; saves θ_t, α, the RNG states and the train/eval flags. Backward, for the
+    outer gradient v = ∂L'/∂θ_{t+1}[a]: recompute g with ``create_graph`` (same RNG, flags;
+    BatchNorm running statistics are not updated again), then with w = ∂⟨g, α ⊙ v⟩/∂(θ_t,
+    extras) (one ``torch.autograd.grad`` with ``grad_outputs = α ⊙ v``, i.e. α·H_t v):
+
+        ∂L'/∂θ_t[b] = v_b·[b adapted] − w_b,   ∂L'/∂α_a = −⟨v_a, g_a⟩,   ∂L'/∂extra = −w_extra,
+
+    the exact vector-Jacobian product of the step, hence the ordinary second-order
+    meta-gradient (no approximation). Task-batched (θ_0[a] shared, g and v of shape (T, ...)):
+    v_a is summed over tasks for θ_0[a], and ⟨v_a, g_a⟩ runs over tasks too. If ∇L depends
+    on another tensor requiring grad (a closure over another model), its gradient could not
+    be returned: ConfigError in the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: _StepSpec, *inputs: Tensor):
+        theta, alpha_in, _ = spec.split(inputs)
+        ctx.spec, ctx.state, ctx.t = spec, _StepState(spec.loop, theta), spec.t
+        grads = spec.gradients([p.detach().requires_grad_(True) for p in theta], False)
+        ctx.save_for_backward(*inputs)
+        out = []
+        for k, i in enumerate(spec.loop._adapted_idx):
+            g = grads[k]
+            out.append(theta[i].clone() if g is None else theta[i] - spec.alpha(k, alpha_in) * g)
+        return tuple(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *v: Tensor):
+        spec = ctx.spec
+        spec.t = ctx.t
+        theta, alpha_in, extras = spec.split(ctx.saved_tensors)
+        with ctx.state.replay():
+            leaves = [p.detach().requires_grad_(True) for p in theta]
+            grads = spec.gradients(leaves, True)
+            used = [k for k, g in enumerate(grads) if g is not None and g.requires_grad]
+            _refuse_foreign([grads[k] for k in used], leaves + extras)
+            w = (torch.autograd.grad([grads[k] for k in used], leaves + extras,
+                                     [spec.alpha(k, alpha_in) * v[k] for k in used],
+                                     allow_unused=True) if used else [None] * (len(leaves) + len(extras)))
+        d_theta = [None if x is None else -x for x in w[:len(theta)]]
+        for k, i in enumerate(spec.loop._adapted_idx):
+            vk = v[k].sum_to_size(theta[i].shape)  # task-batched step 0: θ_0 shared by the tasks
+            d_theta[i] = vk if d_theta[i] is None else d_theta[i] + vk
+        d_alpha = [torch.zeros_like(a) for a in alpha_in]
+        for k, g in enumerate(grads):
+            a = spec.alpha_of[k]
+            if g is not None and isinstance(a, int):
+                d_alpha[a] = d_alpha[a] - (v[k] * g.detach()).sum()
+        return (None, *d_theta, *d_alpha, *[None if x is None else -x for x in w[len(theta):]])
+
+
+def _refuse_foreign(grads: Sequence[Tensor], inputs: Sequence[Tensor]) -> None:
+    """ConfigError if the graph of ∇L reaches a leaf requiring grad that is not an input."""
+    if _foreign_leaves(grads, {id(x) for x in inputs}):
+        raise ConfigError("inner_checkpoint: the inner loss's gradient depends on tensors that "
+                          "require grad besides the network's parameters (e.g. a closure over "
+                          "another model); their meta-gradient would be lost: set "
+                          "inner_checkpoint = false")

@@ -25,7 +25,7 @@ __all__ = ["positive_int", "positive_float", "choice", "fraction", "boolean", "c
            "minibatch_indices", "minibatch_loss", "class_sums", "prototypes",
            "squared_euclidean_logits", "one_hot", "meta_adam", "batches_tasks", "stack",
            "all_examples", "stacked_examples", "episode_tensors", "batched_query_loss", "support_loss", "batched_episode_update",
-           "MultiStepLoss",
+           "MultiStepLoss", "check_inner_checkpoint",
            "FEATURE_NORMS", "l2_normalize", "normalize_features", "cosine_logits",
            "chen_cosine_scale", "encode_episode", "CosineHead"]
 
@@ -65,6 +65,15 @@ def boolean(value, option: str) -> None:
     """ConfigError unless the learner option ``option`` is true or false."""
     require(isinstance(value, bool), f"learner option '{option}' must be true or false, "
                                      f"got {value!r}")
+
+
+def check_inner_checkpoint(config) -> None:
+    """ConfigError for a learner option ``inner_checkpoint`` (recomputed second-order inner
+    steps, :class:`fewshot.inner_loop.InnerLoop`'s ``recompute``) that cannot apply."""
+    boolean(config.inner_checkpoint, "inner_checkpoint")
+    require(not (config.inner_checkpoint and config.first_order), "learner option "
+            "'inner_checkpoint' recomputes second-order inner steps; first-order ones keep no "
+            "inner graph already: set inner_checkpoint = false (or first_order = false)")
 
 
 # ------------------------------------------------------------------ episode checks

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 from fewshot.errors import ConfigError, DataError
 from fewshot.inner_loop import BN_POLICIES, TASK_BATCHING, InnerLoop, batched_oom_guard
 from fewshot.learners.base import Learner, LearnerConfig, accuracy, require
-from fewshot.learners.common import (batches_tasks, check_episode, check_lr_halve_every, choice,
+from fewshot.learners.common import (batches_tasks, check_episode, check_inner_checkpoint,
+                                     check_lr_halve_every, choice,
                                      class_sums, eval_mode, halve_lr_every, meta_adam, one_hot,
                                      positive_float, positive_int, prototypes,
                                      squared_euclidean_logits, stack)
@@ -153,6 +154,9 @@ class L2GConfig(LearnerConfig):
     bn: BatchNorm policy of the inner loop: "running" (default), "transductive" or "per_step".
     weight_decay: Adam's L2 penalty (0; the authors' code's 0.9 is not copied).
     task_batching: "auto" | "on" | "off": adapt the T pairs as one batched computation.
+    inner_checkpoint: recompute each second-order inner step of eq. 3 in the backward pass
+        of eq. 4 instead of keeping its graph (same meta-gradient; memory nearly flat in
+        ``inner_steps``); off by default, needs ``first_order = false``.
     """
 
     lr: float = 1e-3
@@ -164,10 +168,12 @@ class L2GConfig(LearnerConfig):
     bn: str = "running"
     weight_decay: float = 0.0
     task_batching: str = "auto"
+    inner_checkpoint: bool = False
 
     def validate(self) -> None:
         super().validate()
         choice(self.task_batching, "task_batching", TASK_BATCHING)
+        check_inner_checkpoint(self)
         check_lr_halve_every(self.lr_halve_every)
         require(self.inner_lr > 0, f"learner option 'inner_lr' (α of L2G eq. 3) must be > 0, "
                                    f"got {self.inner_lr}")
@@ -196,7 +202,8 @@ class _BilevelMetric(Learner):
         #: eq. 3's step θ' = θ − α ∇_θ L_Ti (α fixed, or per-layer learnable as Meta-SGD)
         self.inner = InnerLoop(self.scorer, steps=cfg.inner_steps, lr=cfg.inner_lr,
                                learn_lr=cfg.learn_inner_lr, lr_per="layer",
-                               first_order=cfg.first_order, bn=cfg.bn)
+                               first_order=cfg.first_order, bn=cfg.bn,
+                               recompute=cfg.inner_checkpoint)
         params = list(self.scorer.parameters()) + list(self.inner.parameters())
         self.optimizers["meta"] = meta_adam(params, cfg.lr, weight_decay=cfg.weight_decay)
         halve_lr_every(self, cfg.lr_halve_every)

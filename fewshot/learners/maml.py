@@ -35,7 +35,7 @@ from torch import Tensor
 from fewshot.inner_loop import ADAPT_PRESETS, BN_POLICIES, TASK_BATCHING, InnerLoop
 from fewshot.learners.base import Learner, LearnerConfig, require
 from fewshot.learners.common import (HeadNet, batched_episode_update, batches_tasks, boolean,
-                                     check_batch, check_episode, choice, eval_mode,
+                                     check_batch, check_episode, check_inner_checkpoint, choice, eval_mode,
                                      mean_episode_update, meta_adam, positive_float, positive_int,
                                      stack, support_loss)
 from fewshot.learners.registry import register_learner
@@ -74,6 +74,11 @@ class MAML(Learner):
         task_batching: "auto" (batched on CUDA when the tasks have equal shapes), "on" or
             "off": adapt the meta-batch (and test episodes) as one batched computation
             (:meth:`fewshot.inner_loop.InnerLoop.adapt_batched`).
+        inner_checkpoint: recompute each second-order inner step in the backward pass
+            instead of keeping its graph (the inner loop's ``recompute``): the same
+            meta-gradient ∇_θ L(θ'), peak memory nearly flat in ``inner_steps``, about one
+            extra support forward and backward per step, sequential or task-batched. Off
+            by default; needs ``first_order = false``.
         """
 
         lr: float = 1e-3
@@ -88,6 +93,7 @@ class MAML(Learner):
         lr_per: str = "tensor"
         meta_batch: int = 4
         task_batching: str = "auto"
+        inner_checkpoint: bool = False
 
         def validate(self) -> None:
             super().validate()
@@ -101,6 +107,7 @@ class MAML(Learner):
             choice(self.adapt, "adapt", ADAPT_PRESETS)
             choice(self.lr_per, "lr_per", ("tensor", "layer"))
             boolean(self.first_order, "first_order")
+            check_inner_checkpoint(self)
 
     def __init__(self, config=None, *, in_channels, image_size, num_classes=None, backbone=None):
         super().__init__(config, in_channels=in_channels, image_size=image_size,
@@ -118,7 +125,8 @@ class MAML(Learner):
         adds its own to these)."""
         c = self.config
         return dict(steps=c.inner_steps, lr=c.inner_lr, learn_lr=c.learn_inner_lr,
-                    lr_per=c.lr_per, adapt=c.adapt, first_order=c.first_order, bn=c.bn)
+                    lr_per=c.lr_per, adapt=c.adapt, first_order=c.first_order, bn=c.bn,
+                    recompute=c.inner_checkpoint)
 
     def _support_loss(self, episode):
         def loss_fn(net):
