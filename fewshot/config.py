@@ -119,6 +119,9 @@ class TrainConfig:
     amp: str = _f("off", "autocast for the learner step: off, bf16 or fp16 (only learners that "
                          "declare it safe)")
     threads: int = _f(0, "torch CPU threads; 0 = torch's default")
+    memory_format: str = _f("auto", "layout of conv weights and images: auto (channels_last on "
+                                    "a CPU for networks with 2-D convolutions, else contiguous), "
+                                    "channels_last or contiguous; changes speed, not the math")
 
 
 @dataclass
@@ -174,6 +177,7 @@ class RunConfig:
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
 ALIASES = {("train", "iterations"): "episodes"}
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")  # train.memory_format
 
 
 # --------------------------------------------------------------------------- types
@@ -377,6 +381,9 @@ def _validate(cfg: RunConfig, where: str) -> None:
     if t.device != "auto" and t.device != "cpu" and not t.device.startswith("cuda"):
         raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, found "
                           f"{t.device!r}{src}")
+    if t.memory_format not in MEMORY_FORMATS:
+        raise ConfigError(f"config key 'train.memory_format' must be one of "
+                          f"{', '.join(MEMORY_FORMATS)}, found {t.memory_format!r}{src}")
     if t.amp not in ("off", "bf16", "fp16"):
         raise ConfigError(f"config key 'train.amp' must be off, bf16 or fp16, found {t.amp!r}{src}")
     _validate_amp(cfg)
@@ -601,8 +608,8 @@ def save_config(cfg: RunConfig, path: Union[str, os.PathLike]) -> Path:
 #: keys that do not change the trained weights (a resume may change them)
 NON_SEMANTIC = {("train", "episodes"), ("train", "epochs"), ("train", "quiet"),
                 ("train", "log_every"), ("train", "checkpoint_every"), ("train", "device"),
-                ("train", "threads"), ("train", "val_every"), ("data", "root"),
-                ("data", "in_memory")}
+                ("train", "threads"), ("train", "memory_format"), ("train", "val_every"),
+                ("data", "root"), ("data", "in_memory")}
 #: learner options that choose how a step is computed, not what it computes (task batching
 #: gives the sequential meta-gradients to float rounding, inner_checkpoint the unrolled ones):
 #: left out of the hash like the device, so a run can be resumed with them changed

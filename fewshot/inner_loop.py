@@ -617,6 +617,8 @@ class InnerLoop(nn.Module):
         with contextlib.nullcontext() if differentiable else torch.no_grad():
             if isinstance(a[0], float) and all(v == a[0] for v in a):
                 new = torch._foreach_add(ps, ds, alpha=-a[0])
+            elif differentiable and isinstance(a[0], Tensor) and not any(d.requires_grad for d in ds):
+                new = _ConstantDirectionStep.apply(ds, *ps, *a)
             else:
                 new = torch._foreach_sub(ps, torch._foreach_mul(ds, a))
         out = list(params)
@@ -723,6 +725,32 @@ class InnerLoop(nn.Module):
             return getattr(self, f"bn_mean_{k}")[s], getattr(self, f"bn_var_{k}")[s], None
         module = self._pairs[1][target[1]].module
         return module.running_mean, module.running_var, module.num_batches_tracked
+
+
+class _ConstantDirectionStep(torch.autograd.Function):
+    """θ'_a = θ_a − α_a · d_a for every tensor a, with directions d_a that are constants (first
+    order: ∇L detached) and step sizes α_a that are learned (0-d tensors), as one autograd node.
+
+    Forward: one fused pass per tensor (``addcmul``, reads θ_a and d_a, writes θ'_a). Backward:
+    ∂L'/∂θ_a = ∂L'/∂θ'_a (passed through, no copy) and ∂L'/∂α_a = −⟨∂L'/∂θ'_a, d_a⟩ (one dot
+    product per tensor). The general path (``_foreach_mul`` then ``_foreach_sub``) computes the
+    same with a temporary α·d, a negated copy of ∂L'/∂θ' and an elementwise product before the
+    sum: three extra passes over every weight, which dominate MLTP_FO on networks with large
+    layers (CNet1's 33.5M-weight Fc). The same math; θ' rounds as a fused multiply-add.
+    """
+
+    @staticmethod
+    def forward(ctx, ds, *ps_and_alphas):
+        n = len(ds)
+        ps, alphas = ps_and_alphas[:n], ps_and_alphas[n:]
+        ctx.save_for_backward(*ds)
+        return tuple(torch.addcmul(p, d, -a) for p, d, a in zip(ps, ds, alphas))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ds = ctx.saved_tensors
+        d_alpha = [-torch.dot(g.reshape(-1), d.reshape(-1)) for g, d in zip(grads, ds)]
+        return (None, *grads, *d_alpha)
 
 
 # ------------------------------------------------------------------------- task batching

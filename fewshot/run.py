@@ -54,6 +54,25 @@ def resolve_device(device: str) -> torch.device:
                           f"or cuda:N") from None
 
 
+def resolve_memory_format(option: str, device: torch.device,
+                          model: torch.nn.Module) -> torch.memory_format:
+    """The layout ``train.memory_format`` asks for on ``device`` for ``model``.
+
+    ``auto``: ``torch.channels_last`` on a CPU when ``model`` has a 2-D convolution, else
+    ``torch.contiguous_format``. On a CPU, oneDNN's convolutions, BatchNorm and pooling run on
+    NHWC activations without reordering them around every layer: a plain Conv-4 ProtoNet loop
+    ran 1.2-1.4x faster in NHWC on this project's 2-core machine (28x28 and 84x84). On CUDA
+    ``auto`` keeps the contiguous layout, as before (NHWC was not measured there; AMP users on
+    tensor cores may set ``channels_last``). Both layouts compute the same function, rounded
+    differently: CPU BatchNorm sums NHWC batch statistics less exactly (about 1e-5 relative),
+    so numbers agree to float rounding, not bit for bit.
+    """
+    if option == "auto":
+        convs = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+        option = "channels_last" if device.type == "cpu" and convs else "contiguous"
+    return torch.channels_last if option == "channels_last" else torch.contiguous_format
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """Seed of rank ``rank``'s episodes (:func:`fewshot.distributed.rank_seed`: ``seed`` itself
     for rank 0, an independent SeedSequence child stream for the others)."""

@@ -78,7 +78,7 @@ from fewshot.evaluation import (check_grid, evaluate_run, validation_accuracy,
 from fewshot.learners import get_learner
 from fewshot.learners.common import scale_lrs_at_milestones
 from fewshot.run import (Run, build_learner, dist_info, environment, prepare_run_dir, rank_seed,
-                         resolve_device, seed_everything)
+                         resolve_device, resolve_memory_format, seed_everything)
 
 __all__ = ["Trainer", "Interrupted", "EXIT_SIGINT", "EXIT_SIGTERM"]
 
@@ -327,6 +327,7 @@ class Trainer:
             raise ConfigError("train.amp = 'fp16' needs a CUDA device; use 'bf16' on CPU")
         seed_everything(t.seed)  # the same initial weights on every rank
         self.learner = build_learner(cfg, device=self.device, **self.data_shape)
+        self.channels_last = self._set_memory_format(t.memory_format)
         self._check_learner_tasks(self.kind)
         self.learner.train()
         self._broadcast_weights()
@@ -339,6 +340,26 @@ class Trainer:
             self.val_eps = chained_episodes(self.val_stores, self.val_ways, self.val_shots,
                                             t.queries, t.val_episodes, t.seed + 7919,
                                             device=self.device)
+
+    def _set_memory_format(self, option: str) -> bool:
+        """Put the learner's 4-D weights in the layout ``train.memory_format`` resolves to on
+        this device (:func:`~fewshot.run.resolve_memory_format`); True for channels_last, which
+        the samplers then deliver too (parameters keep their identity, so the optimisers and
+        a restored checkpoint see the same tensors).
+
+        A resumed run under ``auto`` keeps the layout it was started with (run.json; runs
+        from before this option were contiguous): convolution sums are ordered by layout, so
+        only then does it end with exactly the weights of an uninterrupted run.
+        """
+        if self.resume and option == "auto":
+            started = json.loads((self.run_dir / "run.json").read_text()) \
+                if (self.run_dir / "run.json").is_file() else {}
+            option = started.get("memory_format", "contiguous")
+        fmt = resolve_memory_format(option, self.device, self.learner)
+        if fmt is torch.channels_last:
+            self.learner.to(memory_format=fmt)
+        self.memory_format = "channels_last" if fmt is torch.channels_last else "contiguous"
+        return fmt is torch.channels_last
 
     def _open_stores(self):
         """The train and val stores of every source (one, or several for multi-source
@@ -407,24 +428,26 @@ class Trainer:
 
     def _build_sampler(self, kind: str, seed: int):
         t, dev, aug = self.config.train, self.device, self.config.data.augment
+        cl = self.channels_last
         first = _task_spec(t.ways, t.shots, t.queries, t.variable)
         if kind == "episodes" and len(self.train_stores) > 1:
             p = source_probabilities(self.train_stores, self.config.data.source_sampling)
             return MultiSourceSampler(self.train_stores, first, p, seed=seed, device=dev,
                                       augment=aug)
         if kind == "episodes":
-            return make_sampler(self.train_store, first, seed=seed, device=dev, augment=aug)
+            return make_sampler(self.train_store, first, seed=seed, device=dev, augment=aug,
+                                channels_last=cl)
         if kind == "pairs":
             second = _task_spec(t.pair.get("ways", t.ways), t.pair.get("shots", t.shots),
                                 t.pair.get("queries", t.queries), t.pair.get("variable", t.variable))
             return DisjointPairSampler(self.train_store, first, second, seed=seed, device=dev,
-                                       augment=aug)
+                                       augment=aug, channels_last=cl)
         if kind == "supervised":
             # the adapter takes the global batch and this rank's share of each of its halves;
             # every rank shuffles with the global seed (the same permutation on all ranks)
             return SupervisedAdapter(self.train_store, batch_size=t.batch_size, augment=aug,
                                      seed=self.config.train.seed, device=dev, rank=self.rank,
-                                     world_size=self.world)
+                                     world_size=self.world, channels_last=cl)
         raise ConfigError(f"learner '{self.config.learner.name}' has input_kind {kind!r}; the "
                           f"trainer knows episodes, pairs and supervised")
 
@@ -458,7 +481,7 @@ class Trainer:
                       "data_shape": self.data_shape, "image_shape": self.image_shape,
                       "step": prog.step, "total_steps": prog.total,
                       "best_val": prog.best_val, "best_step": prog.best_step, "complete": False,
-                      "world": self.world}
+                      "world": self.world, "memory_format": self.memory_format}
         self._write_state()
         return prog
 

@@ -118,6 +118,42 @@ def test_first_order_alpha_gradient_closed_form_one_step():
     torch.testing.assert_close(g_alpha, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_first_order_learned_alpha_steps_match_a_hand_written_unrolled_loop():
+    """Two first-order steps with per-layer learned α (MLTP_FO's update, one fused autograd
+    node): the adapted weights, ∂L_q/∂θ = ∇_{θ_T} L_q and ∂L_q/∂α_g = −Σ_t Σ_{a∈g}
+    ⟨∇_{θ_T[a]} L_q, ∇_{θ_t[a]} L_s⟩ (with ∇L constant, θ_T = θ_0 − α Σ_t ∇L(θ_t)) equal a
+    loop written with functional_call."""
+    net = small_net()
+    xs, ys = data(seed=11)
+    xq, yq = data(seed=12)
+    loop = InnerLoop(net, steps=2, lr=0.3, learn_lr=True, lr_per="layer", first_order=True,
+                     lr_init_std=0.05, generator=torch.Generator().manual_seed(0)).double()
+    adapted = loop.adapt(lambda f: F.cross_entropy(f(xs), ys))
+    outer = F.cross_entropy(adapted(xq), yq)
+    theta = list(net.parameters())
+    got = torch.autograd.grad(outer, theta + [loop.alpha])
+    names = loop.param_names
+    group = [0, 0, 1, 1]  # small_net: conv "0" (weight, bias), linear "3" (weight, bias)
+    alpha = loop.alpha.detach()
+    ws, directions = [p.detach() for p in theta], []
+    for _ in range(2):
+        w = [p.clone().requires_grad_() for p in ws]
+        d = torch.autograd.grad(F.cross_entropy(functional_call(net, dict(zip(names, w)), (xs,)), ys), w)
+        directions.append(d)
+        ws = [p - alpha[g] * gi for p, gi, g in zip(ws, d, group)]
+    for a, b in zip(adapted.params, ws):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-12, atol=1e-12)
+    w = [p.clone().requires_grad_() for p in ws]
+    gq = torch.autograd.grad(F.cross_entropy(functional_call(net, dict(zip(names, w)), (xq,)), yq), w)
+    for a, b in zip(got[:-1], gq):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    want_alpha = torch.zeros(2, dtype=torch.float64)
+    for d in directions:
+        for gqa, da, g in zip(gq, d, group):
+            want_alpha[g] -= (gqa * da).sum()
+    torch.testing.assert_close(got[-1], want_alpha, rtol=1e-10, atol=1e-12)
+
+
 def test_conv_only_leaves_fc_untouched_and_vice_versa():
     net = small_net()
     xs, ys = data()

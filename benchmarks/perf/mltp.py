@@ -1,6 +1,7 @@
 """Cost of MLTP and its variants over standard training, per iteration, on the same minibatches.
 
     python benchmarks/perf/mltp.py [--quick] [--json PATH] [--device cpu|cuda] [--threads N]
+                                   [--nets cnet1,resnet18] [--learners standard,mltp_fo]
 
 For CNet1 (32x32 RGB, 10 classes; MLTP paper sec. IV-A) and ResNet-18 without its first
 max-pool (64x64, 200 classes; sec. IV-C) each learner (``standard``, ``mltp``,
@@ -8,7 +9,9 @@ max-pool (64x64, 200 classes; sec. IV-C) each learner (``standard``, ``mltp``,
 initial weights. Reported per network and learner:
 
 * time per iteration: the median of ``repeats`` timed ``train_step`` calls after
-  ``warmup`` untimed ones (the whole step: forward(s), inner step, backward, optimiser);
+  ``warmup`` untimed ones (the whole step: forward(s), inner step, backward, optimiser), as
+  wall-clock time and, on the CPU, as this process's CPU time (with one thread the CPU time
+  is the work done, whatever share of a loaded shared machine the process got);
 * peak memory of one iteration: on CUDA ``torch.cuda.max_memory_allocated`` above the
   memory held before the step; on CPU the peak of the bytes the autograd graphs keep alive
   (tensors saved for backward, counted once per storage, parameters excluded, tracked with
@@ -19,8 +22,10 @@ and the ratios ``<variant>_over_standard_time_<net>`` / ``..._peak_mem_<net>``, 
 dispatched operators and host syncs of one iteration (``torch.profiler``, see ``_profile.py``;
 device-independent) as ``<net>/<learner>/ops`` / ``/syncs`` and ``<variant>_over_standard_ops_<net>``.
 Targets (issue 11, on a GPU at batch 128 for both networks): MLTP_FO <= 1.3x standard, full
-MLTP <= 2.5x, per iteration. ``--quick`` (smaller batches, fewer repeats) finishes in under a
-minute on 2 CPU cores.
+MLTP <= 2.5x, per iteration; issue 17, on a CPU for CNet1: MLTP_FO <= 1.3x at the paper's
+batch 128 (two tasks of 64) and <= 2x at batch 32, both measured in the full run (CNet1 runs
+at both batches). ``--quick`` (smaller batches, fewer repeats) finishes in under a minute on
+2 CPU cores.
 """
 from __future__ import annotations
 
@@ -46,14 +51,15 @@ NETS = {
                  {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-5,
                   "alpha_mean": 1e-2, "alpha_std": 1e-2, "eta": 0.5}),
 }
-PLAN = {  # net -> (batch, warmup, repeats, learners)   (full run; the paper's batch 128 = 64 + 64)
-    "cnet1": (128, 2, 7, ["standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo"]),
-    "resnet18": (128, 1, 5, ["standard", "mltp_fo", "mltp"]),
-}
-QUICK = {
-    "cnet1": (32, 1, 2, ["standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo"]),
-    "resnet18": (8, 1, 2, ["standard", "mltp_fo", "mltp"]),
-}
+PLAN = [  # (net, batch, warmup, repeats, learners)   (full run; the paper's batch 128 = 64 + 64)
+    ("cnet1", 128, 2, 7, ["standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo"]),
+    ("cnet1", 32, 2, 11, ["standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo"]),
+    ("resnet18", 128, 1, 5, ["standard", "mltp_fo", "mltp"]),
+]
+QUICK = [
+    ("cnet1", 32, 1, 2, ["standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo"]),
+    ("resnet18", 8, 1, 2, ["standard", "mltp_fo", "mltp"]),
+]
 
 
 class SavedBytes:
@@ -139,7 +145,8 @@ def peak_memory(learner, b, device):
 
 
 def measure(names, net, batch, warmup, repeats, device, block=None):
-    """Median seconds per iteration and peak memory of each learner on the same batches.
+    """Median (wall seconds, CPU seconds) per iteration and peak memory of each learner on the
+    same batches.
 
     A timed unit is ``block`` consecutive ``train_step`` calls (default: 1 on the CPU, 5 on
     CUDA) between two device synchronisations, divided by ``block``: on a GPU this is the
@@ -154,17 +161,19 @@ def measure(names, net, batch, warmup, repeats, device, block=None):
     _, _, ch, size, classes, _ = NETS[net]
     batches = make_batches(max(2, block), batch, ch, size, classes, device)
     times = {n: [] for n in names}
+    cpu = {n: [] for n in names}
     for r in range(warmup + repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for k in range(block):
                 learners[n].train_step(batches[k % len(batches)])
             sync(device)
             if r >= warmup:
                 times[n].append((time.perf_counter() - t0) / block)
-    out = {n: (median(times[n]), peak_memory(learners[n], batches[-1], device))
+                cpu[n].append((time.process_time() - c0) / block)
+    out = {n: (median(times[n]), median(cpu[n]), peak_memory(learners[n], batches[-1], device))
            for n in names}
     del learners
     return out
@@ -189,6 +198,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     ap.add_argument("--nets", default="cnet1,resnet18", help="comma-separated subset")
+    ap.add_argument("--learners", default=None, help="comma-separated subset of the plan's "
+                    "learners (standard is always measured: ratios are taken against it)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -197,40 +208,50 @@ def main(argv=None):
     metrics, ratios = {}, {}
     rows = []
     t_all = time.perf_counter()
-    for net in [n.strip() for n in args.nets.split(",") if n.strip()]:
-        batch, warmup, repeats, learners = plan[net]
+    nets = [n.strip() for n in args.nets.split(",") if n.strip()]
+    only = set(args.learners.split(",")) | {"standard"} if args.learners else None
+    plan = [(n, b, w, r, [x for x in ls if only is None or x in only])
+            for n, b, w, r, ls in plan if n in nets]
+    for net, batch, warmup, repeats, learners in plan:
+        tag = f"{net}_b{batch}"
         res = measure(learners, net, batch, warmup, repeats, device)
-        for name, (sec, peak) in res.items():
-            metrics[f"{net}/{name}/seconds_per_iter"] = round(sec, 5)
-            metrics[f"{net}/{name}/peak_bytes"] = int(peak)
+        for name, (sec, cpu_sec, peak) in res.items():
+            metrics[f"{tag}/{name}/seconds_per_iter"] = round(sec, 5)
+            metrics[f"{tag}/{name}/cpu_seconds_per_iter"] = round(cpu_sec, 5)
+            metrics[f"{tag}/{name}/peak_bytes"] = int(peak)
         ops = op_counts(learners, net, min(batch, 8), device)
         for name, c in ops.items():
-            metrics[f"{net}/{name}/ops"], metrics[f"{net}/{name}/syncs"] = c["ops"], c["syncs"]
+            metrics[f"{tag}/{name}/ops"], metrics[f"{tag}/{name}/syncs"] = c["ops"], c["syncs"]
             if name != "standard":
-                ratios[f"{name}_over_standard_ops_{net}"] = round(c["ops"] / ops["standard"]["ops"], 3)
-        s_sec, s_peak = res["standard"]
-        for name, (sec, peak) in res.items():
-            tr = sec / s_sec
+                ratios[f"{name}_over_standard_ops_{tag}"] = round(c["ops"] / ops["standard"]["ops"], 3)
+        s_sec, s_cpu, s_peak = res["standard"]
+        for name, (sec, cpu_sec, peak) in res.items():
+            tr, cr = sec / s_sec, cpu_sec / s_cpu
             mr = peak / s_peak if s_peak else float("nan")
             if name != "standard":
-                ratios[f"{name}_over_standard_time_{net}"] = round(tr, 3)
-                ratios[f"{name}_over_standard_peak_mem_{net}"] = round(mr, 3)
-            rows.append((net, batch, name, sec * 1e3, tr, peak / 2 ** 20, mr,
+                ratios[f"{name}_over_standard_time_{tag}"] = round(tr, 3)
+                ratios[f"{name}_over_standard_cpu_time_{tag}"] = round(cr, 3)
+                ratios[f"{name}_over_standard_peak_mem_{tag}"] = round(mr, 3)
+            rows.append((net, batch, name, sec * 1e3, tr, cpu_sec * 1e3, cr, peak / 2 ** 20, mr,
                          ops[name]["ops"], ops[name]["syncs"]))
     mem_kind = ("cuda max_memory_allocated" if device.type == "cuda"
                 else "autograd saved-tensor bytes (params excluded)")
     print(f"MLTP cost per iteration on {device} ({torch.get_num_threads()} threads); memory = {mem_kind}")
-    print(f"{'net':9s} {'batch':>5s} {'learner':10s} {'ms/iter':>9s} {'x std':>6s} {'peak MiB':>9s} "
-          f"{'x std':>6s} {'ops/iter':>8s} {'syncs':>5s}")
-    for net, batch, name, ms, tr, mib, mr, n_ops, n_syncs in rows:
-        print(f"{net:9s} {batch:5d} {name:10s} {ms:9.1f} {tr:6.2f} {mib:9.1f} {mr:6.2f} "
-              f"{n_ops:8d} {n_syncs:5d}")
+    print(f"{'net':9s} {'batch':>5s} {'learner':10s} {'ms/iter':>9s} {'x std':>6s} {'cpu ms':>9s} "
+          f"{'x std':>6s} {'peak MiB':>9s} {'x std':>6s} {'ops/iter':>8s} {'syncs':>5s}")
+    for net, batch, name, ms, tr, cms, cr, mib, mr, n_ops, n_syncs in rows:
+        print(f"{net:9s} {batch:5d} {name:10s} {ms:9.1f} {tr:6.2f} {cms:9.1f} {cr:6.2f} {mib:9.1f} "
+              f"{mr:6.2f} {n_ops:8d} {n_syncs:5d}")
+    print("ms/iter: wall clock; cpu ms: this process's CPU time (the measure that holds on a "
+          "loaded machine with one thread); x std: over standard training in the same run")
     print("ops/iter, syncs: aten operators and tensor-to-scalar reads in one train_step "
           "(torch.profiler; on the CPU syncs include Adam's reads of its CPU step counter)")
-    targets = {"mltp_fo": 1.3, "mltp": 2.5}
     for key, v in ratios.items():
-        for name, lim in targets.items():
-            if key.startswith(f"{name}_over_standard_time_"):
+        for name, lim in (("mltp_fo", 1.3), ("mltp", 2.5)):
+            if key.startswith(f"{name}_over_standard_time_") or \
+                    key.startswith(f"{name}_over_standard_cpu_time_"):
+                if name == "mltp_fo" and key.endswith("cnet1_b32") and device.type == "cpu":
+                    lim = 2.0  # issue 17: CPU, small batch
                 print(f"target {key} <= {lim}: {'met' if v <= lim else 'MISSED'} ({v:.2f})")
     print(f"total {time.perf_counter() - t_all:.1f}s")
     if args.json:
@@ -242,8 +263,9 @@ def main(argv=None):
                      "device_name": (torch.cuda.get_device_name(device)
                                      if device.type == "cuda" else platform.machine())},
             command=command("mltp.py", argv), metrics=metrics, ratios=ratios, memory=mem_kind,
-            plan={n: {"batch": b, "warmup": w, "repeats": r, "learners": ls}
-                  for n, (b, w, r, ls) in plan.items()})
+            plan=[{"net": n, "batch": b, "warmup": w, "repeats": r, "learners": ls}
+                  for n, b, w, r, ls in plan],
+            load_average=[round(x, 2) for x in os.getloadavg()])
     return 0
 
 
