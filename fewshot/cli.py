@@ -248,6 +248,15 @@ def _doc_lines(cls) -> dict:
     return docs
 
 
+def _test_time(cls, transductive: bool) -> str:
+    """One phrase for ``fewshot learners``: what the learner does with a test episode."""
+    what = ("fine-tunes on the support set" if cls.fine_tunes_at_test
+            else "classifies the queries as trained (no fine-tuning)")
+    if cls.input_kind == "supervised":
+        what = "a plain classifier (top-k over the classes it was trained on)"
+    return what + ("; [eval] inference = bd-cspn / tim on its features" if transductive else "")
+
+
 def _cmd_learners(args) -> int:
     from dataclasses import MISSING, fields
 
@@ -286,6 +295,7 @@ def _cmd_learners(args) -> int:
             defaults = {}
         print(f"{name:<{width}}  {cls.description}")
         print(f"{'':<{width}}  paper: {cls.paper}")
+        print(f"{'':<{width}}  test time: {_test_time(cls, supports(cls))}")
         print(f"{'':<{width}}  input: {cls.input_kind}; defaults: "
               + ", ".join(f"{k}={v!r}" for k, v in defaults.items()))
     return 0

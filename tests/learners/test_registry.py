@@ -130,3 +130,25 @@ def test_third_party_learner_through_entry_point(tmp_path, make_episode):
                                   "mtl+maml"])
 def test_learners_that_differentiate_through_gradients_refuse_autocast(name):
     assert not get_learner(name).supports_autocast
+
+
+def test_fewshot_learners_states_every_learners_test_time_behaviour(capsys):
+    """`fewshot learners` gives each registered learner a 'test time:' line that says whether it
+    fine-tunes on the support set and whether transductive [eval] inference applies."""
+    from fewshot.cli import main
+    from fewshot.transductive import supports
+
+    assert main(["learners"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    learners = list_learners()
+    test_lines = {}
+    for i, line in enumerate(lines):
+        name = line.split(" ", 1)[0]
+        if name in learners:
+            test_lines[name] = next(l for l in lines[i + 1:i + 4] if "test time:" in l)
+    assert set(test_lines) == set(learners)
+    for name, cls in learners.items():
+        line = test_lines[name]
+        if cls.input_kind != "supervised":
+            assert ("fine-tunes on the support set" in line) == cls.fine_tunes_at_test, name
+        assert ("bd-cspn" in line) == supports(cls), name
