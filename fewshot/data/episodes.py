@@ -170,7 +170,7 @@ def _as_ints(name: str, v) -> Tuple[int, ...]:
     return vals
 
 
-class CountedSampling:
+class CountedSampling(abc.ABC):
     """The counter over ``self.episode(index)`` that every episode sampler shares (the
     single-store samplers here and :class:`~fewshot.data.multisource.MultiSourceSampler`):
     ``sample`` returns episode ``self.index`` and moves the counter, so the counter alone is
@@ -178,8 +178,9 @@ class CountedSampling:
 
     index: int
 
-    def episode(self, index: int) -> Episode:  # pragma: no cover - defined by the samplers
-        raise NotImplementedError
+    @abc.abstractmethod
+    def episode(self, index: int) -> Episode:
+        """Episode number ``index``, a function of (seed, index) only."""
 
     def sample(self) -> Episode:
         """The next episode."""
@@ -196,7 +197,7 @@ class CountedSampling:
             yield self.sample()
 
 
-class _Sampler(CountedSampling, abc.ABC):
+class _Sampler(CountedSampling):
     """Shared machinery: store access, seeding, gather-and-convert, state, iteration.
 
     Args (common to every sampler):
