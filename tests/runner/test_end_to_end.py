@@ -217,7 +217,7 @@ def test_deferred_nonfinite_check_names_the_first_bad_step(glyphs_root, tmp_path
     from fewshot import trainer
 
     _poison_protonet_from_step(4, monkeypatch)
-    monkeypatch.setattr(trainer, "_loss_checked_at_once", lambda device: False)
+    monkeypatch.setattr(trainer, "loss_checked_at_once", lambda device: False)
     cfg = write_config(tmp_path / "c.toml", glyphs_root, episodes=10, log_every=3, checkpoint_every=5,
                        val_every=0)
     assert main(["train", str(cfg), "--out", str(tmp_path / "r")]) == 2
@@ -227,9 +227,9 @@ def test_deferred_nonfinite_check_names_the_first_bad_step(glyphs_root, tmp_path
 
 
 def test_first_nonfinite_keeps_the_earliest_step():
-    from fewshot.trainer import _FirstNonFinite
+    from fewshot.training_progress import FirstNonFinite
 
-    watch = _FirstNonFinite()
+    watch = FirstNonFinite()
     assert watch.step() is None
     for step, value in [(1, 0.5), (2, float("inf")), (3, 1.0), (4, float("nan"))]:
         watch.observe(torch.tensor(value), step)
