@@ -127,7 +127,7 @@ def build_sampler(config, data: TrainingData, kind: str, *, seed: int, device,
     if kind == "episodes" and len(data.train_stores) > 1:
         p = source_probabilities(data.train_stores, config.data.source_sampling)
         return MultiSourceSampler(data.train_stores, first, p, seed=seed, device=device,
-                                  augment=aug)
+                                  augment=aug, channels_last=cl)
     if kind == "episodes":
         return make_sampler(data.train_store, first, seed=seed, device=device, augment=aug,
                             channels_last=cl)

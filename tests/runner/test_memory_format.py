@@ -87,3 +87,33 @@ def test_resume_under_auto_keeps_the_layout_the_run_started_with(glyphs_root, tm
         conv = next(p for p in resumed.learner.parameters() if p.dim() == 4 and p.shape[1] > 1)
         assert conv.is_contiguous(memory_format=torch.channels_last) != conv.is_contiguous()
         assert conv.is_contiguous() == (started == "contiguous")
+
+
+@pytest.mark.parametrize("sources", [1, 2])
+def test_samplers_deliver_the_layout_the_weights_train_in(glyphs_root, tmp_path, write_config,
+                                                          sources):
+    """The sampler the trainer builds (one store, or a multi-source sampler over two) delivers
+    NHWC images when the weights train in channels_last, and NCHW otherwise (RGB images: with
+    one channel the two layouts have the same strides)."""
+    import numpy as np
+
+    from fewshot.config import load_config
+    from fewshot.data.store import open_split, write_store
+    from fewshot.training_data import TrainingData, build_sampler
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (60, 12, 12, 3), dtype=np.uint8)
+    labels = np.repeat(np.arange(6), 10)
+    write_store(tmp_path / "rgb" / "train.h5", images, labels, [f"c{k}" for k in range(6)],
+                dataset="rgb", split="train", source="test")
+    cfg = load_config(write_config(tmp_path / "c.toml", glyphs_root, episodes=2))
+    train = [open_split("rgb", "train", tmp_path) for _ in range(sources)]
+    data = TrainingData(train, train, [12, 12, 3], {}, 5, 1)
+    for channels_last in (True, False):
+        sampler = build_sampler(cfg, data, "episodes", seed=0, device="cpu",
+                                channels_last=channels_last)
+        ep = sampler.sample()
+        for x in (ep.support_x, ep.query_x):
+            assert x.shape[1] == 3
+            assert x.is_contiguous(memory_format=torch.channels_last) == channels_last
+            assert x.is_contiguous() == (not channels_last)
