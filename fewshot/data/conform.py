@@ -31,6 +31,7 @@ import numpy as np
 
 from fewshot.data.store import (BLOCK_IMAGES, ImageStore, _channel_hist, _stats_from_hist,
                                 fits_in_memory)
+from fewshot.data.sources import converted
 from fewshot.errors import DataError
 
 __all__ = ["MODES", "conform_images", "conform_store", "describe_conversion"]
@@ -61,14 +62,9 @@ def conform_images(images: np.ndarray, shape: Sequence[int], *, what: str = "ima
         return images
     src, dst = _mode(images.shape[3], what), _mode(c, f"target shape {tuple(shape)}")
     out = np.empty((images.shape[0], h, w, c), dtype=np.uint8)
-    resample = Image.Resampling.LANCZOS
     for i, arr in enumerate(images):
         img = Image.fromarray(arr[..., 0] if src == "L" else arr, src)
-        if dst != src:
-            img = img.convert(dst)
-        if (img.height, img.width) != (h, w):
-            img = img.resize((w, h), resample)
-        out[i] = np.asarray(img, dtype=np.uint8).reshape(h, w, c)
+        out[i] = converted(img, dst, (h, w)).reshape(h, w, c)
     return out
 
 

@@ -48,6 +48,18 @@ def _resample(name: str = "lanczos"):
     return getattr(enum, name.upper())
 
 
+def converted(img, mode: str, size: Optional[Tuple[int, int]] = None,
+              resample: str = "lanczos") -> np.ndarray:
+    """A PIL image converted to ``mode`` first, then resized to ``size`` = (H, W) with the
+    ``resample`` filter: uint8 (H, W) or (H, W, C). The one statement of "convert, then
+    resize" that the converters (:func:`decode_image`) and the conversion of whole stores to
+    another shape (:mod:`fewshot.data.conform`) share."""
+    img = img.convert(mode)
+    if size is not None and (img.height, img.width) != tuple(size):
+        img = img.resize((size[1], size[0]), _resample(resample))
+    return np.asarray(img, dtype=np.uint8)
+
+
 def decode_image(data: Union[bytes, bytearray, memoryview, np.ndarray, str, os.PathLike], *,
                  name: str, size: Optional[Tuple[int, int]] = None, mode: str = "RGB",
                  invert: bool = False, resample: str = "lanczos") -> np.ndarray:
@@ -67,10 +79,7 @@ def decode_image(data: Union[bytes, bytearray, memoryview, np.ndarray, str, os.P
             img = Image.open(io.BytesIO(bytes(data) if isinstance(data, np.ndarray) else data))
         if size is not None and img.format == "JPEG":
             img.draft(mode, (size[1], size[0]))
-        img = img.convert(mode)
-        if size is not None and (img.height, img.width) != tuple(size):
-            img = img.resize((size[1], size[0]), _resample(resample))
-        arr = np.asarray(img, dtype=np.uint8)
+        arr = converted(img, mode, size, resample)
     except FileNotFoundError:
         raise DataError(f"{name}: image file not found; the dataset folder is incomplete, "
                         "extract the original archive again") from None
