@@ -27,8 +27,9 @@ from torch import Tensor
 
 from fewshot.learners.base import Learner, LearnerConfig
 from fewshot.learners.common import (check_batch, check_episode, check_lr_halve_every,
-                                     eval_mode, halve_lr_every, mean_episode_update, prototypes,
-                                     squared_euclidean_logits, meta_adam)
+                                     encode_episode, eval_mode, halve_lr_every,
+                                     mean_episode_update, meta_adam, prototypes,
+                                     squared_euclidean_logits)
 from fewshot.learners.registry import register_learner
 
 __all__ = ["ProtoNet", "prototypes", "squared_euclidean_logits"]
@@ -72,10 +73,7 @@ class ProtoNet(Learner):
     def episode_features(self, episode) -> Tuple[Tensor, Tensor]:
         """(support, query) embeddings f_φ(x), flat, in float32 even under autocast; support
         and query images go through the encoder in one batch (in the learner's current mode)."""
-        s = episode.support_x.shape[0]
-        z = self.encoder(torch.cat([episode.support_x, episode.query_x], 0))
-        z = z.reshape(z.shape[0], -1).float()
-        return z[:s], z[s:]
+        return encode_episode(self.encoder, episode)
 
     def prototype_logits(self, query_z: Tensor, protos: Tensor) -> Tensor:
         """−‖f_φ(x̃) − c_k‖² (Snell et al. eq. 2)."""
